@@ -115,19 +115,19 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "open_clip's tab-separated `filepath`/`title`")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
     entity, images, captions, rows, checked = {}, [], [], [], {}
-    for fields in reader:
+    for cells in reader:
         row = reader.line_num
-        if not fields or not any(f.strip() for f in fields):
+        if not cells or not any(c.strip() for c in cells):
             continue  # blank line (or one replaced above because it was not UTF-8)
         problem = None
-        if len(fields) <= max(i_img, i_cap):
-            problem = f"row {row}: {len(fields)} columns, expected {len(header)} ({sep!r}-separated)"
-        elif not fields[i_cap].strip():
+        if len(cells) <= max(i_img, i_cap):
+            problem = f"row {row}: {len(cells)} columns, expected {len(header)} ({sep!r}-separated)"
+        elif not cells[i_cap].strip():
             problem = f"row {row}: empty caption"
-        elif not fields[i_img].strip():
+        elif not cells[i_img].strip():
             problem = f"row {row}: empty image path"
         else:
-            image = str((path.parent / fields[i_img].strip()).resolve())
+            image = str((path.parent / cells[i_img].strip()).resolve())
             if check_images and image not in checked:
                 checked[image] = check_image(image)
             if check_images and checked[image]:
@@ -135,7 +135,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
         if problem:
             bad.append(problem)
             continue
-        caption = fields[i_cap].strip()
+        caption = cells[i_cap].strip()
         if image not in entity:
             entity[image] = len(images)
             images.append(image)
