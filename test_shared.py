@@ -25,10 +25,9 @@ def test_the_three_copies_are_identical():
         assert blocks[name] == blocks[FILES[0]], f"{name}'s shared block differs from {FILES[0]}'s: copy it over"
 
 
-@pytest.mark.parametrize("name", FILES)
-def test_scripts_stay_under_the_line_budget(name):
-    if name != "evaluate.py":
-        assert len((ROOT / name).read_text().splitlines()) < 1000, f"{name} must stay under 1,000 lines"
+@pytest.mark.parametrize("name", ["sma.py", "sotalign.py"])
+def test_training_scripts_stay_under_the_line_budget(name):
+    assert len((ROOT / name).read_text().splitlines()) < 1000, f"{name} must stay under 1,000 lines"
 
 
 def test_real_offline_encoders_give_meaningful_features():
