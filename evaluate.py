@@ -20,7 +20,6 @@ Measured on: CPU (tests); bench/evaluate_clip_benchmark.py times it against CLIP
 """
 import argparse
 import hashlib
-import json
 import math
 import re
 import sys
@@ -35,6 +34,7 @@ from tqdm import tqdm
 # checks that the three copies are identical. Edit it in all three files at once.
 import csv
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +168,6 @@ class Encoder:
     image_size: int = 0
     mean: tuple = ()
     std: tuple = ()
-
     device: str = "cpu"
 
     @torch.no_grad()
@@ -364,11 +363,14 @@ def head_from_state(entry: dict) -> nn.Module:
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 # ============================================================================ end shared block
 
@@ -445,7 +447,7 @@ class Transformed(torch.utils.data.Dataset):
         item = self.images[i]
         if isinstance(item, str):
             with Image.open(item) as im:
-                return self.transform(im.convert("RGB")), i
+                return self.transform(im), i  # the encoder's transform converts to RGB first
         image, label = item
         return self.transform(image), label
 
@@ -890,8 +892,7 @@ def main(argv=None) -> dict:
            "results": results, "mean": mean}
     output = Path(args.output or (Path(args.aligner).parent / "eval.json" if args.aligner else
                                   f"eval_{slug(model.name)}.json"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(out, indent=2))
+    atomic_save(out, output)
     print_table(results)
     parts = [f"{r['dataset']} acc1 {100 * r['metrics']['acc1']:.2f}" if r["task"] == CLS else
              f"{r['dataset']} i2t_R@1 {100 * r['metrics']['i2t_R@1']:.2f} t2i_R@1 {100 * r['metrics']['t2i_R@1']:.2f}"

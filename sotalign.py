@@ -20,7 +20,6 @@ Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/sota
 """
 import argparse
 import hashlib
-import json
 import math
 import platform
 import sys
@@ -40,6 +39,7 @@ from tqdm import tqdm
 # checks that the three copies are identical. Edit it in all three files at once.
 import csv
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +173,6 @@ class Encoder:
     image_size: int = 0
     mean: tuple = ()
     std: tuple = ()
-
     device: str = "cpu"
 
     @torch.no_grad()
@@ -369,11 +368,14 @@ def head_from_state(entry: dict) -> nn.Module:
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 # ============================================================================ end shared block
 
@@ -934,9 +936,7 @@ def write_manifest(args: Args, path, **extra):
     versions = {name: metadata.version(name) for name in ("torch", "timm", "transformers", "open_clip_torch")}
     manifest = {"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
                 "versions": versions, "host": platform.node(), **extra}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    atomic_save(manifest, path)
 
 
 # ---------------------------------------------------------------------------- main
