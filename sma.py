@@ -454,9 +454,9 @@ def augmentations(enc: Encoder, K: int) -> list:
     the encoder's own input size and normalisation."""
     import torchvision.transforms as T
     # not specified in the paper; we use RandomResizedCrop(scale 0.5-1), horizontal flip, light colour jitter
-    aug = T.Compose([T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0),
-                                         interpolation=T.InterpolationMode.BICUBIC),
-                     T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(enc.mean, enc.std)])
+    aug = T.Compose([T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                     T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(),
+                     T.Normalize(enc.mean, enc.std)])
     return [enc.transform] + [rgb_first(aug)] * (K - 1)
 
 
@@ -795,7 +795,7 @@ def setup(args: Args):
         rank, world = 0, 1
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(torch.device(device).index or 0)  # "cuda" has no index: set_device needs one
         # TF32 for the heads' fp32 matmuls: ~8x faster on Ampere+, and the contrastive logits tolerate its 1e-3 error
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
@@ -857,7 +857,8 @@ def load_checkpoint(path, model, opt, sched, args) -> tuple:
 def train(args: Args, feats: dict, rank, world, device, log):
     """Train the heads on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit."""
     XI = feats["image"].to(device)  # (E, K, Di)
-    XT, TM = (t.to(device) for t in padded_texts(feats))  # (E, Cmax, Dt), (E, Cmax)
+    XT, TM_host = padded_texts(feats)  # (E, Cmax, Dt), (E, Cmax); the batch plan is drawn on the host (CPU RNG)
+    XT, TM = XT.to(device), TM_host.to(device)
     E, K = XI.shape[:2]
     B = min(args.batch_size, E)
     if B % world:
@@ -881,7 +882,8 @@ def train(args: Args, feats: dict, rank, world, device, log):
     log(f"training {args.loss}: {E} entities, K={K}, M<={args.captions}, N={B} x {world} rank(s) -> {total} steps")
     tick, since = time.time(), step
     while step < total:
-        ent, slots, pick_v, pick_t = (t.to(device) for t in batch_plan(step, args.seed, E, B, args.captions, K, TM))
+        plan = batch_plan(step, args.seed, E, B, args.captions, K, TM_host)  # CPU tensors
+        ent, slots, pick_v, pick_t = (t.to(device) for t in plan)
         mask = TM[ent[:, None], slots]  # (N, M) global
         zi, zt, scale, bias = ddp(XI[ent[mine]], XT[ent[mine, None], slots[mine]])  # (b, K, d), (b, M, d)
         if world > 1:  # the set-level loss needs the whole batch; gradients flow back to each rank's slice

@@ -405,7 +405,7 @@ class Args:
     eps_teacher: float = arg(0.005, "eps*: entropic regularisation of the teacher plan P*")
     sinkhorn_iters: int = arg(100, "log-domain Sinkhorn iterations per plan (at most)")
     sinkhorn_tol: float = arg(1e-3, "stop Sinkhorn when both marginals are met to this L1 error (0 = never)")
-    compile: bool = arg(False, "True: torch.compile the Sinkhorn kernel (fuses it; for CUDA)")
+    compile: bool = arg(torch.cuda.is_available(), "torch.compile the Sinkhorn kernel (on with CUDA: bench/)")
     dim: int = arg(1024, "d: output dimension of the heads")
     head_layers: int = arg(1, "1: LayerNorm -> Linear (the authors'); 2: LayerNorm -> Linear -> GELU -> Linear")
     hidden: int = arg(1024, "hidden width of the heads when --head-layers 2")
@@ -440,7 +440,7 @@ def parse_args(argv=None) -> Args:
     for f in fields(Args):
         flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=h)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f"{h} (default: {f.default!r})")
     a = Args(**vars(p.parse_args(argv)))
@@ -756,7 +756,7 @@ def setup(args: Args):
         rank, world = 0, 1
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(torch.device(device).index or 0)  # "cuda" has no index: set_device needs one
         # TF32 for the heads' fp32 matmuls: ~8x faster on Ampere+, and the similarities tolerate its 1e-3 error
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device

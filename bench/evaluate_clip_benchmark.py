@@ -14,7 +14,7 @@ another head on the same encoders costs). Weights: random (`--pretrained none`) 
 the speed, and this machine may have no hub access.
 Precision: autocast on CUDA only, on both sides (CLIP_benchmark: fp16; evaluate.py's encoders: bf16); fp32 on CPU.
 CLIP_benchmark is not a project requirement: `pip install clip-benchmark==1.6.2` (or --no-deps plus scikit-learn).
-Writes bench/evaluate_clip_benchmark.{json,md}.
+Writes bench/evaluate_clip_benchmark.{json,md} (--out: another prefix).
 """
 import argparse
 import json
@@ -35,13 +35,19 @@ import evaluate as ev  # noqa: E402
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def _write_png(job):
+    root, i, px = job
+    rng = np.random.default_rng(i)  # one stream per image: the same files whatever the process count
+    Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(root / CLASSES[i % 10] / f"{i:06d}.png")
+
+
 def make_folder(root: Path, n: int, px: int = 256) -> Path:
-    """n random RGB PNGs, spread over the 10 classes (CIFAR-10 names as folder names)."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / CLASSES[i % 10]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+    """n random RGB PNGs, spread over the 10 classes (CIFAR-10 names as folder names); written in parallel."""
+    from multiprocessing import Pool
+    for c in CLASSES:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    with Pool() as pool:
+        pool.map(_write_png, [(root, i, px) for i in range(n)], chunksize=64)
     return root
 
 
@@ -89,6 +95,8 @@ def main():
     p.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default="", help="folder for the synthetic images (default: a temporary folder)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "evaluate_clip_benchmark"),
+                   help="write <out>.md and <out>.json")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     data = Path(args.data or tmp / "data")
@@ -149,7 +157,7 @@ def main():
                   "acceptance criterion (>= 1x) is for a CUDA GPU."]
     text = "\n".join(lines)
     print(text)
-    out = ROOT / "bench" / "evaluate_clip_benchmark"
+    out = Path(args.out)
     out.with_suffix(".md").write_text("# evaluate.py vs CLIP_benchmark (zero-shot classification throughput)\n\n"
                                       "Measured by `bench/evaluate_clip_benchmark.py`; see its docstring.\n\n"
                                       + text + "\n")
