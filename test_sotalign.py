@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -327,6 +328,28 @@ def test_real_command_on_the_example_data_then_resume_then_evaluate(tmp_path):
     first, again = (json.loads(p.read_text()) for p in (out / "eval.json", tmp_path / "again.json"))
     assert {r["dataset"] for r in again["results"]} == {"emoji_zeroshot", "emoji_retrieval"}
     assert [r["metrics"] for r in first["results"]] == [r["metrics"] for r in again["results"]]
+
+
+def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path):
+    """torchrun (gloo): pairs and unpaired sets extracted in shards and gathered, heads under DDP, each rank's slice of
+    the paired and unpaired batches gathered so SigLIP and KLOT see the whole global batch, as one process does."""
+    def command(cache, out):
+        return ["sotalign.py", "--pairs", "examples/emoji/sotalign_pairs.csv", "--unpaired-images",
+                "examples/emoji/unpaired_images.csv", "--unpaired-texts", "examples/emoji/unpaired_texts.txt", *TINY,
+                "--cache-dir", str(tmp_path / cache), "--out", str(tmp_path / out), "--steps", "6",
+                "--unpaired-batch", "64", "--dim", "32", "--lr", "1e-3", "--log-every", "1", "--no-compile"]
+    one = run(*command("cache1", "one"))
+    two = run("-m", "torch.distributed.run", "--nproc_per_node=2", *command("cache2", "two"))
+    assert "batches (44, 64, 64) x 2 rank(s)" in two and "features: 421 unpaired images" in two  # extracted, not read
+    for part in ("pairs-image", "unpaired-image", "unpaired-text"):
+        a, b = (torch.load(next((tmp_path / d).glob(f"sotalign-{part}-*.pt")), weights_only=True)["features"]
+                for d in ("cache1", "cache2"))
+        assert torch.allclose(a, b, atol=1e-5), part
+    losses = [[float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([\d.]+)", out, re.M)] for out in (one, two)]
+    assert len(losses[0]) == len(losses[1]) == 6 and losses[0] == pytest.approx(losses[1], abs=2e-4)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("one", "two"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
 def test_without_unpaired_data_it_is_the_supervised_baseline(tmp_path):
