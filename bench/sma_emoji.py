@@ -30,6 +30,7 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--cache-dir", default=".cache")
     p.add_argument("--out", default="bench/sma_emoji_results.md")
+    p.add_argument("--note", default="", help="a line added under the device line (e.g. how the weights got there)")
     a = p.parse_args()
     scores = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,6 +46,8 @@ def main():
                 print(proc.stdout.strip().splitlines()[-1], flush=True)
                 res = {r["dataset"]: r["metrics"] for r in json.loads((out / "eval.json").read_text())["results"]}
                 scores[loss, seed] = [res[d][m] for d, m in METRICS]
+    device = (f"{torch.cuda.get_device_name()} (sma.py's default device)" if torch.cuda.is_available() else
+              f"CPU ({platform.machine()}, {os.cpu_count()} cores, shared with other jobs)")
     lines = ["# SMA on the emoji example set: flqmi vs infonce vs multipos", "",
              "Emoji-set results with the offline encoders (EfficientNet-Lite0 224 px + all-MiniLM-L6-v2), the shipped "
              "train split (886 entities, 3,500 captions) and held-out splits (29-class zero-shot on 186 images, "
@@ -52,8 +55,7 @@ def main():
              f"Mean ± std over seeds {a.seeds}; same heads, epochs, batch, lr and seeds for every loss.", "",
              f"Command (per loss and seed): `python sma.py {' '.join(FLAGS)} --loss <loss> --seed <seed>`  ",
              f"Driver: `python {' '.join(sys.argv)}`  ",
-             f"Device: CPU ({platform.machine()}, {os.cpu_count()} cores, shared with other jobs); "
-             f"torch {torch.__version__}; n = {len(a.seeds)} seeds per loss.", "",
+             f"Device: {device}; torch {torch.__version__}; n = {len(a.seeds)} seeds per loss.  ", a.note, "",
              "| loss | " + " | ".join(f"{d.split('_')[1]} {m}" for d, m in METRICS) + " |",
              "| --- |" + " --- |" * len(METRICS)]
     for loss in a.losses:
