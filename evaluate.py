@@ -401,7 +401,8 @@ class Args:
     batch_size: int = arg(256, "images (and texts) per encoder call")
     workers: int = arg(min(8, os.cpu_count() or 1), "dataloader worker processes")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    output: str = arg("", "results JSON (default <aligner folder>/eval.json, or eval_<model>_<pretrained>.json)")
+    output: str = arg("", "results JSON (default <aligner folder>/eval.json; with --model, "
+                          "results/eval_<model>_<pretrained>.json under the current folder)")
     templates: str = arg("", "templates for folder: tasks: a text file (one template with {} per line) or a "
                              "CLIP_benchmark key such as imagenet1k (its 80 templates)")
 
@@ -657,6 +658,7 @@ class Model:
     specs: dict  # {"image": spec, "text": spec}
     heads: dict  # {"image": nn.Module, "text": nn.Module}
     device: str
+    info: dict  # the aligner checkpoint less its heads (method, args, metrics), plus "dim"; {"method": "open_clip"}
     encoders: dict = field(default_factory=dict)
 
     def encoder(self, modality) -> Encoder:
@@ -670,14 +672,15 @@ def load_model(args) -> Model:
         pretrained = "" if args.pretrained.lower() == "none" else args.pretrained  # "" = random weights
         spec = f"openclip:{args.model}:{pretrained}"
         return Model(f"{args.model}/{args.pretrained}", {"image": spec, "text": spec},
-                     {"image": nn.Identity(), "text": nn.Identity()}, args.device)
+                     {"image": nn.Identity(), "text": nn.Identity()}, args.device, {"method": "open_clip"})
     ckpt = torch.load(args.aligner, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "aligner/1":
         raise ValueError(f"{args.aligner}: not an aligner checkpoint (format aligner/1); pass the aligner.pt that "
                          "sma.py / sotalign.py export, not checkpoint.pt")
     heads = {m: head_from_state(ckpt[f"{m}_head"]).to(args.device) for m in ("image", "text")}
+    info = {k: v for k, v in ckpt.items() if not k.endswith("_head")} | {"dim": ckpt["image_head"]["out_dim"]}
     return Model(f"{ckpt.get('method', 'aligner')}:{args.aligner}",
-                 {m: ckpt[f"{m}_encoder"] for m in ("image", "text")}, heads, args.device)
+                 {m: ckpt[f"{m}_encoder"] for m in ("image", "text")}, heads, args.device, info)
 
 
 def slug(text):
@@ -706,7 +709,7 @@ def encode_images(encoder: Encoder, images, args, desc) -> dict:
     loader = torch.utils.data.DataLoader(Transformed(images, encoder.transform), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=args.device.startswith("cuda"))
     feats, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch"):
+    for x, y in tqdm(loader, desc=desc, unit="batch", disable=desc is None):  # desc None: no bar (load_aligner)
         feats.append(encoder.encode(x).cpu())
         labels.append(torch.as_tensor(y))
     return {"features": torch.cat(feats), "labels": torch.cat(labels)}
@@ -715,7 +718,8 @@ def encode_images(encoder: Encoder, images, args, desc) -> dict:
 def encode_texts(encoder: Encoder, texts, args, desc) -> torch.Tensor:
     """(len(texts), D) raw encoder features."""
     batches = range(0, len(texts), args.batch_size)
-    return torch.cat([encoder.encode(texts[i:i + args.batch_size]).cpu() for i in tqdm(batches, desc=desc)])
+    return torch.cat([encoder.encode(texts[i:i + args.batch_size]).cpu()
+                      for i in tqdm(batches, desc=desc, disable=desc is None)])
 
 
 def embed(model: Model, modality, raw) -> torch.Tensor:
@@ -727,6 +731,63 @@ def embed(model: Model, modality, raw) -> torch.Tensor:
 
 def fill(template, name):
     return template.replace("{c}", name).replace("{}", name)  # CLIP_benchmark writes {c}, open_clip and ours {}
+
+
+# ---------------------------------------------------------------------------- use from Python
+class Aligner:
+    """A trained aligner, or a plain open_clip model, as two embedding functions into the shared space.
+
+    encode_image / encode_text run exactly evaluate.py's path: the frozen encoder on the clean eval view under
+    no_grad (bf16 autocast on CUDA; Encoder.encode), then the head, then L2 normalisation (embed). Both return
+    (n, dim) float32 unit vectors on `device`, so `image_emb @ text_emb.T` is the cosine similarity.
+    Metadata: method ("sma", "sotalign", "sotalign-teacher", "siglip-pairs", or "open_clip"), specs (the encoder
+    spec per modality), dim, device, info (the checkpoint's args and final metrics).
+    """
+
+    def __init__(self, model: Model, batch_size=256):
+        self.model, self.method, self.specs, self.device = model, model.info["method"], model.specs, model.device
+        self.info = model.info
+        self.run = argparse.Namespace(batch_size=batch_size, workers=0, device=model.device)  # read by encode_*s
+
+    @property
+    def dim(self) -> int:
+        return self.info.get("dim") or self.model.encoder("image").dim  # an open_clip model has identity heads
+
+    @property
+    def transform(self):
+        """PIL image -> (3, H, W) tensor: the image encoder's clean eval view (stack them for encode_image)."""
+        return self.model.encoder("image").transform
+
+    def encode_image(self, images) -> torch.Tensor:
+        """images: a list of PIL images and/or image paths, or a (B, 3, H, W) batch made with `transform`.
+        Returns (n, dim) float32, L2-normalised."""
+        encoder = self.model.encoder("image")
+        if torch.is_tensor(images):
+            raw = torch.cat([encoder.encode(x).cpu() for x in images.split(self.run.batch_size)])
+        else:  # Transformed reads a path, or a (PIL image, label) pair
+            images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else images
+            items = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else (x, i) for i, x in enumerate(images)]
+            raw = encode_images(encoder, items, self.run, desc=None)["features"]
+        return embed(self.model, "image", raw)
+
+    def encode_text(self, texts) -> torch.Tensor:
+        """texts: a list of strings (or one string). Returns (n, dim) float32, L2-normalised."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return embed(self.model, "text", encode_texts(self.model.encoder("text"), texts, self.run, desc=None))
+
+
+def load_aligner(path, device=None, batch_size=256) -> Aligner:
+    """An aligner.pt exported by sma.py / sotalign.py (any method), or "openclip:<model>:<pretrained>" for a plain
+    open_clip model (pretrained: a tag such as openai, a checkpoint path, or empty for random weights).
+    device: default cuda when available, else cpu. Encoders load on first use."""
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kind, _, name = str(path).partition(":")
+    if kind == "openclip":
+        model_name, _, pretrained = name.partition(":")
+        args = Args(model=model_name, pretrained=pretrained or "none", device=device)
+    else:
+        args = Args(aligner=os.fspath(path), device=device)
+    return Aligner(load_model(args), batch_size)
 
 
 # ---------------------------------------------------------------------------- metrics (pure functions)
@@ -891,7 +952,7 @@ def main(argv=None) -> dict:
            "device": args.device, "torch": torch.__version__, "args": asdict(args),
            "results": results, "mean": mean}
     output = Path(args.output or (Path(args.aligner).parent / "eval.json" if args.aligner else
-                                  f"eval_{slug(model.name)}.json"))
+                                  Path("results") / f"eval_{slug(model.name)}.json"))
     atomic_save(out, output)
     print_table(results)
     parts = [f"{r['dataset']} acc1 {100 * r['metrics']['acc1']:.2f}" if r["task"] == CLS else
