@@ -3,7 +3,7 @@
 A FROZEN image encoder and a FROZEN text encoder are aligned by two small trainable heads. Each entity of the data is
 a pair of sets: K augmented views of its image and its M captions. The loss is a set-level contrastive objective over
 Submodular Mutual Information (SMI) between an entity's image set and every caption set of the batch (default FLQMI).
-Only the abstract could be read: shared/papers/SMA.md separates what the paper states from what we reconstruct, and
+Only the abstract could be read: docs/SMA.md separates what the paper states from what we reconstruct, and
 every choice of ours is tagged below (`# not specified in the paper; we use ...`, `# deviation: ...`).
 
 Commands:
@@ -402,7 +402,7 @@ class Args:
     lambda_div: float = arg(0.0, "weight of the divergence term (submodular variation of information)")
     dim: int = arg(1024, "d: output dimension of the heads")
     hidden: int = arg(1024, "hidden width of the heads' MLP")
-    # not specified in the paper; we use the optimisation defaults of shared/papers/SMA.md
+    # not specified in the paper; we use the optimisation defaults of docs/SMA.md
     epochs: int = arg(50, "epochs over the entities")
     batch_size: int = arg(1024, "N: entities per global batch (all ranks together)")
     lr: float = arg(1e-4, "AdamW peak learning rate")
@@ -595,7 +595,7 @@ class Heads(nn.Module):
 
     def __init__(self, di, dt, args: Args):
         super().__init__()
-        # not specified in the paper; we use a 2-layer MLP head per modality (SMA.md defaults)
+        # not specified in the paper; we use a 2-layer MLP head per modality (docs/SMA.md defaults)
         self.image_head = make_head("mlp", di, args.dim, args.hidden, n_layers=2)
         self.text_head = make_head("mlp", dt, args.dim, args.hidden, n_layers=2)
         # not specified in the paper; we use CLIP's 1/tau = 1/0.07 (Radford et al. 2021); SigLIP: 20, bias -10 (SAIL)
@@ -637,7 +637,7 @@ def contrastive(logits):
 
 
 def flqmi(zi, zt, mask, scale, eta=1.0):
-    """SMA's default: set-level contrastive loss over FLQMI scores (SMA.md, "The formulation we implement").
+    """SMA's default: set-level contrastive loss over FLQMI scores (docs/SMA.md, section 4).
 
     l[k, l] = (1/M_l) sum_{t in T_l} smax_{a in A_k} s(a, t) + eta (1/K) sum_{a in A_k} smax_{t in T_l} s(a, t)
     L = contrastive(l)                                                          (shapes: see "Shared symbols")
@@ -669,7 +669,7 @@ def cover(zi, zt, mask, scale):
 
 
 def flvmi(zi, zt, mask, scale, eta=1.0):
-    """Set-level contrastive loss over FLVMI scores, the ground set being the whole batch (SMA.md option).
+    """Set-level contrastive loss over FLVMI scores, the ground set being the whole batch (docs/SMA.md option).
 
     l[k, l] = (1/|V|) sum_{i in V} smin( smax_{j in A_k} s_ij, eta smax_{j in T_l} s_ij ),  L = contrastive(l)
     V: every view and real caption of the batch; s_ij = scale <z_i, z_j> within and across modalities;
@@ -820,7 +820,7 @@ class Gather(torch.autograd.Function):
 
 
 def schedule(total, warmup):
-    """Learning-rate factor at step s: linear warm-up over `warmup` steps, then cosine decay to 0 (SMA.md)."""
+    """Learning-rate factor at step s: linear warm-up over `warmup` steps, then cosine decay to 0 (docs/SMA.md)."""
     return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) /
                                                                             max(total - warmup, 1)))
 

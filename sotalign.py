@@ -5,7 +5,7 @@ A FROZEN image encoder and a FROZEN text encoder are aligned by two light heads 
 image-text pairs plus unpaired images and unpaired texts. Stage 1 fits a closed-form linear teacher on the pairs
 (regularised CCA by default). Stage 2 trains f, g with SigLIP on the pairs plus lambda * KLOT(K, K*) on unpaired
 batches: the KL divergence between the entropic OT plans of the teacher similarity K* and the student similarity K.
-KLOT is as published; our readings are tagged (`# not specified in the paper`, `# deviation:`), listed in README.md.
+KLOT is as published; our readings are tagged (`# not specified in the paper`, `# deviation:`), see docs/SOTAlign.md.
 
 Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
   python sotalign.py --pairs pairs.csv --unpaired-images DIR_OR_CSV --unpaired-texts TXT_OR_CSV   # DINOv2-L + GTE
@@ -632,7 +632,7 @@ def cca(X, Y, reg=0.1) -> dict:
 
     Rows L2-normalised, then centred. Cxx = X^T X / n + reg I, Cyy = Y^T Y / n + reg I, Cxy = X^T Y / n.
     Cxx^{-1/2} Cxy Cyy^{-1/2} = U diag(rho) V^T (thin SVD); W_x = Cxx^{-1/2} U (Dx, k), W_y = Cyy^{-1/2} V (Dy, k),
-    all k = min(Dx, Dy) components kept, not weighted by rho (SOTAlign.md), except those with rho = 0 when n < D.
+    all k = min(Dx, Dy) components kept, not weighted by rho (docs/SOTAlign.md), except those with rho = 0 when n < D.
     rho (k,): the canonical correlations, descending; rho_i^2 are the eigenvalues of Cxx^{-1} Cxy Cyy^{-1} Cyx.
     """
     (X, mx), (Y, my), n = _normalise_centre(X), _normalise_centre(Y), len(X)
@@ -825,7 +825,7 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     B = (Bp,)
     if ot:
         UI, UT = UI.to(device), UT.to(device)
-        with torch.no_grad():  # K* = cosine in the teacher's space (SOTAlign.md); fixed, so embedded once
+        with torch.no_grad():  # K* = cosine in the teacher's space (docs/SOTAlign.md); fixed, so embedded once
             TI, TT = (F.normalize(h.to(device)(X), dim=-1) for h, X in zip(teacher, (UI, UT)))
         B = (Bp, *(max(min(args.unpaired_batch, len(X)) // world, 1) * world for X in (UI, UT)))
     # not specified in the paper; we use epoch = one pass over the larger unpaired set (over the pairs without it)

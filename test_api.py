@@ -109,13 +109,21 @@ def test_embeddings_equal_what_an_evaluate_run_scores(aligner_path, data, tmp_pa
         assert metrics[k] == pytest.approx(v), k
 
 
-def test_plain_open_clip_model_equals_its_own_normalised_towers(tmp_path, data):
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A registered open_clip config small enough for random weights in a second."""
     import open_clip
     config = {"embed_dim": 16,
               "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
               "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "tiny-api-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "tiny-api-clip.json")
+    path = tmp_path_factory.mktemp("clip") / "tiny-api-clip.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return "tiny-api-clip"
+
+
+def test_plain_open_clip_model_equals_its_own_normalised_towers(tiny_clip, data):
+    import open_clip
     aligner = ev.load_aligner("openclip:tiny-api-clip:", device="cpu")  # empty pretrained: random weights
     assert (aligner.method, aligner.dim, aligner.specs["text"]) == ("open_clip", 16, "openclip:tiny-api-clip:")
     model, preprocess = ev._openclip_model("tiny-api-clip", "", "cpu")
@@ -126,6 +134,15 @@ def test_plain_open_clip_model_equals_its_own_normalised_towers(tmp_path, data):
         want_text = F.normalize(model.encode_text(open_clip.get_tokenizer("tiny-api-clip")(texts)), dim=-1)
     assert torch.allclose(aligner.encode_image(paths), want_image, atol=1e-5)
     assert torch.allclose(aligner.encode_text(texts), want_text, atol=1e-5)
+
+
+def test_evaluate_model_writes_to_the_results_folder_by_default(tiny_clip, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ev.main(["--model", tiny_clip, "--pretrained", "none", "--tasks", f"csv:{data / 'pairs.csv'}", "--workers", "0",
+             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []  # nothing in the current folder itself
+    out = json.loads((tmp_path / "results" / f"eval_{tiny_clip}_none.json").read_text())
+    assert out["model"] == f"{tiny_clip}/none"
 
 
 def test_readme_snippet_runs_as_written(aligner_path, monkeypatch, capsys):

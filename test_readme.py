@@ -48,3 +48,16 @@ def test_readme_demo_trains_exports_and_beats_chance(tmp_path):
     # the printed held-out scores end the run
     tail = proc.stdout.strip().splitlines()[-1]
     assert "R@1" in tail and "acc1" in tail, tail
+
+
+def test_no_file_refers_to_notes_outside_the_repository():
+    """The method notes live in docs/: a reference to the notes' old folder beside the repository would be dead in a
+    clone (the "shared block" is another thing: the code copied into the three scripts)."""
+    needle = "shared" + "/"  # spelt so that this file does not match itself
+    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".txt", ".csv", ".json") and p.is_file()
+             and not {".venv", ".cache", ".git", "runs", "datasets", "results"} & set(p.relative_to(ROOT).parts)]
+    bad = [f"{p.relative_to(ROOT)}:{i}" for p in files
+           for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if needle in line]
+    assert not bad, bad
+    for name in ("SMA.md", "SOTAlign.md", "EVALUATION.md", "BASELINES.md"):
+        assert (ROOT / "docs" / name).is_file(), name
