@@ -2,7 +2,8 @@
 
 Both papers report "zero-shot classification and retrieval tasks from the CLIP benchmark" (LAION CLIP_benchmark,
 PyPI clip-benchmark 1.6.2): SMA (arXiv 2605.12872) and SOTAlign (arXiv 2602.23353). This file re-implements that
-protocol (its code was read, not copied) for frozen-encoder aligners and plain open_clip models:
+protocol (its code was read, not copied; our choices: docs/EVALUATION.md) for frozen-encoder aligners and plain
+open_clip models:
 
     python evaluate.py --aligner runs/sma/aligner.pt --tasks emoji
     python evaluate.py --model ViT-B-32 --pretrained openai --tasks imagenet1k,mscoco --dataset-root DATA
@@ -12,6 +13,8 @@ Tasks: the 14 of `clip14` (12 classification sets + Flickr30k 1k test + MSCOCO 5
 classification sets, the shipped example splits (`emoji`), `folder:<path>` and `csv:<path>` (a pairs file).
 Each dataset is read from --dataset-root/<name>/ (or --dataset-root with `{dataset}` in it); a missing one is
 reported as skipped with what to put where, never as 0.
+From Python (section "use from Python"): aligner = evaluate.load_aligner("runs/sma/aligner.pt"), then
+aligner.encode_image(paths or PIL images) and aligner.encode_text(texts) give L2-normalised (n, d) embeddings.
 Writes: one JSON file (--output) {"model", "results": [{"dataset", "task", "model", "metrics"}], "mean"}, and
 prints a table and one summary line. Image and text features of the frozen encoders are computed once per
 (dataset, encoder spec) and cached under --cache-dir; heads are applied on the cache.
@@ -745,8 +748,8 @@ class Aligner:
     """
 
     def __init__(self, model: Model, batch_size=256):
-        self.model, self.method, self.specs, self.device = model, model.info["method"], model.specs, model.device
-        self.info = model.info
+        self.model, self.info, self.specs, self.device = model, model.info, model.specs, model.device
+        self.method = model.info["method"]
         self.run = argparse.Namespace(batch_size=batch_size, workers=0, device=model.device)  # read by encode_*s
 
     @property
