@@ -78,8 +78,8 @@ def test_cli_stops_before_training_with_the_row(folder, tmp_path, script):
     bad = write(folder, "image,caption\na.png,red\nb.png,\n")
     flag = "--data" if script == "sma.py" else "--pairs"
     proc = subprocess.run([sys.executable, str(ROOT / script), flag, str(bad), "--out", str(tmp_path / "run"),
-                           "--image-encoder", "timm-random:test_vit", "--text-encoder", "hf-random:tiny"],
+                           "--image-encoder", "timm-random:test_vit", "--text-encoder", "py:tiny_encoders:text"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert proc.returncode != 0
-    assert f"{bad}, row 3: empty caption" in proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error: one line, no traceback
+    assert f"{bad}, row 3: empty caption" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # stopped before any training
