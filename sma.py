@@ -997,12 +997,12 @@ def main(argv=None):
             import evaluate
             results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
                                      str(out / "eval.json"), "--cache-dir", args.cache_dir])
-        versions = {name: metadata.version(name) for name in ("torch", "timm", "transformers", "open_clip_torch")}
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
-                     "versions": versions, "host": platform.node(), "device": device, "world_size": world,
+                     "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
+                     "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),
                      "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-                     "entities": len(pairs.images), "image_per_s": feats.get("image_per_s"), "metrics": metrics,
-                     "eval": results.get("mean")}, out / "manifest.json")
+                     "image_per_s": feats.get("image_per_s"), "metrics": metrics, "eval": results.get("mean")},
+                    out / "manifest.json")
     if world > 1:
         dist.destroy_process_group()
     if model is not None:

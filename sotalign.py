@@ -946,13 +946,6 @@ def export(path, method, heads, kind, args: Args, scale, bias, metrics):
                  "logit_scale": scale, "logit_bias": bias, "args": asdict(args), "metrics": metrics}, path)
 
 
-def run_eval(args: Args, aligner: Path, output: Path) -> dict:
-    """evaluate.py on an export -> its results dict, with its one-line "summary" (check_run found evaluate.py)."""
-    import evaluate
-    return evaluate.main(["--aligner", str(aligner), "--tasks", args.eval, "--output", str(output),
-                          "--cache-dir", args.cache_dir])
-
-
 def r1(m) -> str:
     return f"i2t {m['i2t_R@1']:.3f} t2i {m['t2i_R@1']:.3f}"
 
@@ -1020,15 +1013,17 @@ def main(argv=None):
         log(f"exported {out / 'aligner.pt'} ({method}) and {out / 'teacher.pt'}")
         for name in ("eval.json", "eval_teacher.json"):  # an --overwrite run: no earlier scores beside the new export
             (out / name).unlink(missing_ok=True)
-        if args.eval:
-            results = run_eval(args, out / "aligner.pt", out / "eval.json")
-            log(f"teacher: {run_eval(args, out / 'teacher.pt', out / 'eval_teacher.json')['summary']}")
-        versions = {name: metadata.version(name) for name in ("torch", "timm", "transformers", "open_clip_torch")}
+        if args.eval:  # evaluate.py on both exports -> their results, each with a one-line "summary"
+            import evaluate
+            results, teacher_results = (evaluate.main(["--aligner", str(out / a), "--tasks", args.eval, "--output",
+                                                       str(out / o), "--cache-dir", args.cache_dir])
+                                        for a, o in (("aligner.pt", "eval.json"), ("teacher.pt", "eval_teacher.json")))
+            log(f"teacher: {teacher_results['summary']}")
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
-                     "versions": versions, "host": platform.node(), "device": device, "world_size": world,
+                     "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
+                     "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),
                      "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-                     "entities": len(pairs.images), "teacher_R@1": scores, "metrics": metrics,
-                     "eval": results.get("mean")}, out / "manifest.json")
+                     "teacher_R@1": scores, "metrics": metrics, "eval": results.get("mean")}, out / "manifest.json")
     if world > 1:
         dist.destroy_process_group()
     if model is not None:
