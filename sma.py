@@ -958,14 +958,12 @@ def check_run(args: Args, entities, world):
     """Everything checkable before extraction and before anything is written into --out; DataError if not."""
     check_folder(args.out, "--out")
     check_folder(args.cache_dir, "--cache-dir")
-    out = Path(args.out)
-    if args.resume and (out / "checkpoint.pt").is_file():
-        load_checkpoint(out / "checkpoint.pt", args)  # readable, and trained with these args
-    found = [name for name in ("aligner.pt", "checkpoint.pt") if (out / name).is_file()]
-    if found and not args.overwrite and (found[0] == "aligner.pt" or not args.resume):
-        raise DataError(f"--out {out} holds a {'finished' if found[0] == 'aligner.pt' else 'started'} run "
-                        f"({', '.join(found)}); give another --out, pass --resume to continue a started run, or "
-                        "--overwrite to replace it")
+    aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
+    if args.resume and ckpt.is_file():
+        load_checkpoint(ckpt, args)  # readable, and trained with these args
+    if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
+        raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
+                        "--out, pass --resume to continue a started run, or --overwrite to replace it")
     if entities < 2:
         raise DataError(f"{args.data}: {entities} entity; a contrastive loss needs at least 2 (add images)")
     if min(args.batch_size, entities) % world:

@@ -955,14 +955,12 @@ def check_run(args: Args, sizes: list):
     """Everything checkable before extraction and before anything is written into --out; DataError if not."""
     check_folder(args.out, "--out")
     check_folder(args.cache_dir, "--cache-dir")
-    out = Path(args.out)
-    if args.resume and (out / "checkpoint.pt").is_file():
-        load_checkpoint(out / "checkpoint.pt", args)  # readable, and trained with these args
-    found = [name for name in ("aligner.pt", "checkpoint.pt") if (out / name).is_file()]
-    if found and not args.overwrite and (found[0] == "aligner.pt" or not args.resume):
-        raise DataError(f"--out {out} holds a {'finished' if found[0] == 'aligner.pt' else 'started'} run "
-                        f"({', '.join(found)}); give another --out, pass --resume to continue a started run, or "
-                        "--overwrite to replace it")
+    aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
+    if args.resume and ckpt.is_file():
+        load_checkpoint(ckpt, args)  # readable, and trained with these args
+    if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
+        raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
+                        "--out, pass --resume to continue a started run, or --overwrite to replace it")
     for flag, n in zip(("--pairs", "--unpaired-images", "--unpaired-texts"), sizes):  # the teacher needs 2 images
         if n < 2:
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
