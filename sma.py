@@ -90,7 +90,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
     raw = path.read_bytes().split(b"\n")
     lines, bad = [], []  # decode line by line so a non-UTF-8 byte names its row
     for row, b in enumerate(raw, start=1):
@@ -320,7 +320,7 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         model = model.eval().to(device)
         forward = _text_forward(f"{kind}:{name}", model, tokenizer, pooling, device, normalize)
         return Encoder("", modality, model.config.hidden_size, forward)
-    raise ValueError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
+    raise DataError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
                      f"offline:efficientnet-lite0, timm-random:; text: hf:, openclip:, "
                      f"offline:all-minilm-l6-v2; either: py:<module>:<function>")
 
