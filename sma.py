@@ -368,8 +368,7 @@ def atomic_save(obj, path):
 
 
 def read_cache(path, default=None):
-    """torch.load(path), or `default` where there is no such file or it cannot be read (e.g. cut short by a crash or
-    a full disk): then a warning names it and the caller recomputes it."""
+    """torch.load(path), or `default` if it is missing or unreadable (cut short: warned, and the caller recomputes)."""
     if Path(path).is_file():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -379,8 +378,7 @@ def read_cache(path, default=None):
 
 
 def check_folder(path, flag):
-    """DataError unless `path` is, or can become, a writable folder. Probes its nearest existing folder with a
-    temporary file that is gone at once, so a refused run leaves nothing behind (the folder is made when written)."""
+    """DataError unless `path` is, or can become, a writable folder (probed with a temporary file, gone at once)."""
     found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
     try:
         tempfile.TemporaryFile(dir=found).close()
