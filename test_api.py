@@ -14,13 +14,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import evaluate as ev  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-IMAGE, TEXT = "timm-random:test_vit", "hf-random:tiny"  # random weights: mechanics only
+IMAGE, TEXT = "timm-random:test_vit", "py:tiny_encoders:text"  # random weights: mechanics only
 COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
 
 def tiny_aligner(path, method="sma", kind="mlp", dim=16):
     """An aligner.pt in the exported format (format aligner/1) with random heads of the given kind."""
-    in_dims = {"image": ev.load_encoder(IMAGE, "image").dim, "text": 32}  # hf-random:tiny is 32-d
+    in_dims = {"image": ev.load_encoder(IMAGE, "image").dim, "text": 32}  # py:tiny_encoders:text is 32-d
     ckpt = {"format": "aligner/1", "method": method, "image_encoder": IMAGE, "text_encoder": TEXT,
             "logit_scale": 10.0, "logit_bias": None, "args": {"seed": 0}, "metrics": {}}
     torch.manual_seed(0)

@@ -215,9 +215,9 @@ def make_aligner(folder):
     image = ev.load_encoder("timm-random:test_vit", "image")
     torch.manual_seed(0)
     heads = {"image": (ev.make_head("mlp", image.dim, 16, 24, 2), image.dim),
-             "text": (ev.make_head("mlp", 32, 16, 24, 2), 32)}  # hf-random:tiny is 32-d
+             "text": (ev.make_head("mlp", 32, 16, 24, 2), 32)}  # py:tiny_encoders:text is 32-d
     ckpt = {"format": "aligner/1", "method": "test", "image_encoder": "timm-random:test_vit",
-            "text_encoder": "hf-random:tiny", "logit_scale": 10.0, "logit_bias": None, "args": {}, "metrics": {}}
+            "text_encoder": "py:tiny_encoders:text", "logit_scale": 10.0, "logit_bias": None, "args": {}, "metrics": {}}
     for m, (head, dim) in heads.items():
         ckpt[f"{m}_head"] = ev.head_state(head, "mlp", dim, 16, 24, 2)
     ev.atomic_save(ckpt, folder / "aligner.pt")
@@ -291,5 +291,5 @@ def test_folder_task_names_templates_and_bad_classnames(tmp_path):
     tasks = ev.resolve_tasks(f"emoji,mscoco,{tmp_path}/p.tsv,folder:{tmp_path}")
     assert list(tasks) == ["emoji_zeroshot", "emoji_retrieval", "mscoco_captions", f"{tmp_path}/p.tsv",
                            f"folder:{tmp_path}"]
-    with pytest.raises(SystemExit, match="unknown task 'nope'"):
+    with pytest.raises(ev.DataError, match="unknown task 'nope'"):
         ev.resolve_tasks("nope")

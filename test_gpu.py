@@ -6,8 +6,8 @@ definition or with an uninterrupted run. Without a GPU every test here is report
     python -m pytest -q test_gpu.py        # on a machine with a CUDA GPU (checked on an H100, see README)
 
 The text encoder is open_clip's ViT-B-32 text tower with seeded random weights (`openclip:ViT-B-32:`), not
-hf-random:tiny: the GPU machine these were first run on could not carry the all-MiniLM package that hf-random:tiny
-takes its vocabulary from.
+py:tiny_encoders:text: the GPU machine these were first run on could not carry the all-MiniLM package that
+py:tiny_encoders:text takes its vocabulary from.
 """
 import json
 import warnings

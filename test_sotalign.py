@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import sotalign as so
 
 ROOT = Path(__file__).resolve().parent
 EMOJI = ROOT / "examples" / "emoji"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-TINY = ["--image-encoder", "timm-random:test_vit", "--text-encoder", "hf-random:tiny"]
+TINY = ["--image-encoder", "timm-random:test_vit", "--text-encoder", "py:tiny_encoders:text"]
 
 
 def random_problem(n, m, batch=(), seed=0):
@@ -227,18 +228,19 @@ def test_draw_visits_every_item_once_per_epoch_and_is_a_function_of_seed_and_ste
 def test_cache_is_reused_invalidated_and_an_interrupted_extraction_resumes(tmp_path, monkeypatch):
     args = so.parse_args(["--pairs", "x.csv", *TINY, "--cache-dir", str(tmp_path), "--extract-batch-size", "4"])
     texts = so.read_unpaired(EMOJI / "unpaired_texts.txt", "text")[:12]
-    encode, calls = so.Encoder.encode, []
+    Encoder = type(so.load_encoder(args.text_encoder, "text"))  # py:tiny_encoders:text builds sma.py's Encoder
+    encode, calls = Encoder.encode, []
 
     def failing(self, batch):
         calls.append(len(batch))
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed during the third batch
         return encode(self, batch)
-    monkeypatch.setattr(so.Encoder, "encode", failing)
+    monkeypatch.setattr(Encoder, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         so.features("unpaired", "text", texts, args, {}, save_every_s=0)
     calls.clear()
-    monkeypatch.setattr(so.Encoder, "encode", lambda self, batch: (calls.append(len(batch)), encode(self, batch))[1])
+    monkeypatch.setattr(Encoder, "encode", lambda self, batch: (calls.append(len(batch)), encode(self, batch))[1])
     first = so.features("unpaired", "text", texts, args, {}, save_every_s=0)
     assert calls == [4] and first.shape == (12, 32)  # only the third batch was left to do
     assert torch.allclose(first, so.features("unpaired", "text", texts, args, {"text": None}, save_every_s=0))
@@ -247,7 +249,7 @@ def test_cache_is_reused_invalidated_and_an_interrupted_extraction_resumes(tmp_p
     assert not list(tmp_path.glob("*.part*"))
     key = so.cache_key("text", texts, args.text_encoder)
     assert so.cache_key("text", texts[:-1] + ["changed"], args.text_encoder) != key
-    assert so.cache_key("text", texts, "hf-random:other") != key
+    assert so.cache_key("text", texts, "py:tiny_encoders:other") != key
 
 
 def synthetic(E=12, U=20, Di=16, Dt=8, seed=0):
@@ -314,7 +316,7 @@ def test_real_command_on_the_example_data_then_resume_then_evaluate(tmp_path):
     for name, method in (("aligner.pt", "sotalign"), ("teacher.pt", "sotalign-teacher")):
         ck = torch.load(out / name, weights_only=True)
         assert ck["format"] == "aligner/1" and ck["method"] == method and ck["image_encoder"] == TINY[1]
-        heads = [so.head_from_state(ck[f"{m}_head"]) for m in ("image", "text")]
+        heads = [evaluate.head_from_state(ck[f"{m}_head"]) for m in ("image", "text")]
         assert heads[0](torch.randn(3, 128)).shape[-1] == heads[1](torch.randn(3, 32)).shape[-1]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["step"] == 6 and manifest["teacher_R@1"]["heldout"]["i2t_R@1"] >= 0
