@@ -79,7 +79,8 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False, image_root=None,
+               subset=0) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -87,7 +88,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     paths resolve against the file's folder. Every bad row (missing column, empty caption, missing or
     unreadable image, bytes that are not UTF-8) raises DataError naming the file and the row, before
     any training starts; with skip_bad_rows they are skipped, counted in `.skipped`, never silently.
+    `coco:<captions json>` reads COCO captions instead (read_coco, with image_root and subset).
     """
+    if str(path).startswith("coco:"):
+        return read_coco(str(path)[5:], image_root, subset, skip_bad_rows)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
@@ -151,6 +155,54 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     if not images:
         raise DataError(f"{path}: no usable rows")
     return Pairs(str(path), images, captions, bad)
+
+
+def read_coco(path, image_root=None, subset=0, skip_bad_rows=False) -> Pairs:
+    """Read COCO captions (`annotations/captions_<split>.json`): an image and its captions (about 5) form one entity.
+
+    Images are read from `image_root` (default: COCO's layout, the `<split>/` folder beside `annotations/`), in order
+    of image id. subset = N > 0 keeps N images drawn with a fixed seed (the first N of one permutation of the sorted
+    ids, so a 10k subset lies inside the 25k one). A missing or unreadable image, an empty caption or an unknown image
+    id raises DataError naming the file and the image id (with skip_bad_rows: skipped and counted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (COCO's annotations/captions_<split>.json)")
+    try:
+        ann = json.loads(path.read_text(encoding="utf-8"))
+        files = {im["id"]: im["file_name"] for im in ann["images"]}
+        notes = [(a["image_id"], a["id"], str(a["caption"]).strip()) for a in ann["annotations"]]
+    except (ValueError, KeyError, TypeError) as e:  # JSON, missing keys, wrong types
+        raise DataError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    root = Path(image_root) if image_root else path.parent.parent / path.stem.rpartition("_")[2]
+    ids = sorted(files)
+    if subset:  # not specified in the papers; we use seed 0 and nested subsets
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[:subset]
+        ids = sorted(ids[i] for i in order.tolist())
+    captions, bad = {i: [] for i in ids}, []
+    for image_id, note_id, caption in notes:
+        if image_id not in files:
+            bad.append(f"annotation {note_id}: unknown image id {image_id}")
+        elif image_id in captions and not caption:
+            bad.append(f"annotation {note_id} (image id {image_id}): empty caption")
+        elif image_id in captions and caption not in captions[image_id]:
+            captions[image_id].append(caption)
+    images, kept = [], []
+    for i in ids:
+        image = str((root / files[i]).resolve())
+        problem = check_image(image) or (None if captions[i] else "no caption")
+        if problem:
+            bad.append(f"image id {i}: {problem}")
+            continue
+        images.append(image)
+        kept.append(captions[i])
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{path}, {bad[0]}{more}. Fix it (--image-root names the image folder), or pass "
+                        "--skip-bad-rows to skip and count bad entries")
+    if not images:
+        raise DataError(f"{path}: no usable images")
+    return Pairs(str(path), images, kept, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
@@ -398,11 +450,13 @@ LOSSES = ("flqmi", "flvmi", "gcmi", "logdetmi", "infonce", "multipos", "siglip")
 
 @dataclass
 class Args:
-    data: str = arg("", "pairs CSV or open_clip TSV, a row per (image, caption); an image's rows: an entity",
-                    required=True)
+    data: str = arg("", "pairs CSV or open_clip TSV, a row per (image, caption); an image's rows: an entity; or "
+                        "coco:<annotations/captions_<split>.json>", required=True)
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title` or `caption`, whichever the header has)")
     sep: str = arg("", "column separator ('' = sniffed from the header)")
+    image_root: str = arg("", "coco: data: the image folder ('' = COCO's layout, <split>/ beside annotations/)")
+    subset: int = arg(0, "coco: data: keep this many images, a fixed-seed nested subset (0 = all)", ge=0)
     skip_bad_rows: bool = arg(False, "skip and count bad rows instead of stopping at the first one")
     image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
     text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
@@ -977,7 +1031,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
     pairs = read_pairs(args.data, args.image_key or None, args.caption_key or None, args.sep or None,
-                       args.skip_bad_rows)
+                       args.skip_bad_rows, image_root=args.image_root or None, subset=args.subset)
     if pairs.skipped:
         log(f"{args.data}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
     log(f"{args.data}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions")

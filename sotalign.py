@@ -80,7 +80,8 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False) -> Pairs:
+def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False, image_root=None,
+               subset=0) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -88,7 +89,10 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     paths resolve against the file's folder. Every bad row (missing column, empty caption, missing or
     unreadable image, bytes that are not UTF-8) raises DataError naming the file and the row, before
     any training starts; with skip_bad_rows they are skipped, counted in `.skipped`, never silently.
+    `coco:<captions json>` reads COCO captions instead (read_coco, with image_root and subset).
     """
+    if str(path).startswith("coco:"):
+        return read_coco(str(path)[5:], image_root, subset, skip_bad_rows)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
@@ -152,6 +156,54 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     if not images:
         raise DataError(f"{path}: no usable rows")
     return Pairs(str(path), images, captions, bad)
+
+
+def read_coco(path, image_root=None, subset=0, skip_bad_rows=False) -> Pairs:
+    """Read COCO captions (`annotations/captions_<split>.json`): an image and its captions (about 5) form one entity.
+
+    Images are read from `image_root` (default: COCO's layout, the `<split>/` folder beside `annotations/`), in order
+    of image id. subset = N > 0 keeps N images drawn with a fixed seed (the first N of one permutation of the sorted
+    ids, so a 10k subset lies inside the 25k one). A missing or unreadable image, an empty caption or an unknown image
+    id raises DataError naming the file and the image id (with skip_bad_rows: skipped and counted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (COCO's annotations/captions_<split>.json)")
+    try:
+        ann = json.loads(path.read_text(encoding="utf-8"))
+        files = {im["id"]: im["file_name"] for im in ann["images"]}
+        notes = [(a["image_id"], a["id"], str(a["caption"]).strip()) for a in ann["annotations"]]
+    except (ValueError, KeyError, TypeError) as e:  # JSON, missing keys, wrong types
+        raise DataError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    root = Path(image_root) if image_root else path.parent.parent / path.stem.rpartition("_")[2]
+    ids = sorted(files)
+    if subset:  # not specified in the papers; we use seed 0 and nested subsets
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[:subset]
+        ids = sorted(ids[i] for i in order.tolist())
+    captions, bad = {i: [] for i in ids}, []
+    for image_id, note_id, caption in notes:
+        if image_id not in files:
+            bad.append(f"annotation {note_id}: unknown image id {image_id}")
+        elif image_id in captions and not caption:
+            bad.append(f"annotation {note_id} (image id {image_id}): empty caption")
+        elif image_id in captions and caption not in captions[image_id]:
+            captions[image_id].append(caption)
+    images, kept = [], []
+    for i in ids:
+        image = str((root / files[i]).resolve())
+        problem = check_image(image) or (None if captions[i] else "no caption")
+        if problem:
+            bad.append(f"image id {i}: {problem}")
+            continue
+        images.append(image)
+        kept.append(captions[i])
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{path}, {bad[0]}{more}. Fix it (--image-root names the image folder), or pass "
+                        "--skip-bad-rows to skip and count bad entries")
+    if not images:
+        raise DataError(f"{path}: no usable images")
+    return Pairs(str(path), images, kept, bad)
 
 
 # ---------------------------------------------------------------------------- frozen encoders
@@ -394,24 +446,35 @@ def arg(default, help, **check):
     return field(default=default, metadata={"help": help, **check})
 
 
-TEACHERS = ("cca", "procrustes", "ridge")
+TEACHERS = ("cca", "csa", "procrustes", "ridge")
+PAIRED_LOSSES = ("siglip", "infonce")
 
 
 @dataclass
 class Args:
-    pairs: str = arg("", "pairs file (CSV or open_clip TSV), a row per (image, caption); an image's rows: an entity",
-                     required=True)
+    pairs: str = arg("", "pairs CSV or open_clip TSV, a row per (image, caption); an image's rows: an entity; or "
+                         "coco:<annotations/captions_<split>.json>", required=True)
     unpaired_images: str = arg("", "a folder or a CSV with an `image` column ('' = none: SigLIP on the pairs only)")
     unpaired_texts: str = arg("", "a .txt (one text per line) or a CSV with a `caption` or `text` column ('' = none)")
     heldout: str = arg("", "held-out pairs file: the teacher's and the heads' retrieval R@1 on it are printed")
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title`, `caption` or `text`, whichever the header has)")
     sep: str = arg("", "column separator ('' = sniffed from the header)")
+    image_root: str = arg("", "coco: pairs: the image folder ('' = COCO's layout, <split>/ beside annotations/)")
+    subset: int = arg(0, "coco: pairs: keep this many images, a fixed-seed nested subset (0 = all)", ge=0)
     skip_bad_rows: bool = arg(False, "skip and count bad rows instead of stopping at the first one")
     image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
     text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
-    teacher: str = arg("cca", "stage-1 linear teacher", choices=TEACHERS)
+    teacher: str = arg("cca", "stage-1 linear teacher (csa: CCA weighted by correlation, CSA)", choices=TEACHERS)
     teacher_reg: float = arg(0.1, "ridge on the covariance blocks of CCA (and of ridge regression)", ge=0)
+    csa_dim: int = arg(0, "--teacher csa: canonical directions kept (0 = all)", ge=0)
+    paired_loss: str = arg("siglip", "loss on the pairs (siglip: the authors')", choices=PAIRED_LOSSES)
+    unpaired_negatives: bool = arg(False, "use the batch's unpaired images and texts as extra negatives of the paired "
+                                          "loss (the setting the authors' lambda = 1e-4 was tuned in)")
+    lambda_structure: float = arg(0.0, "STRUCTURE baseline: weight of the neighbourhood-preservation regulariser",
+                                  ge=0)
+    structure_tau: float = arg(0.05, "STRUCTURE's softmax temperature (fixed)", gt=0)
+    structure_levels: int = arg(1, "STRUCTURE's random-walk levels L", ge=1)
     # not specified for pairs-only SigLIP (the authors' 1e-4 was tuned with unpaired negatives); we use 1 (emoji set)
     lambda_ot: float = arg(1.0, "lambda: weight of KLOT on the unpaired batches (0 = SigLIP on the pairs only)", ge=0)
     eps: float = arg(0.05, "eps: entropic regularisation of the student plan P", gt=0)
@@ -466,6 +529,8 @@ def parse_args(argv=None) -> Args:
             p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
+    if a.unpaired_negatives and not a.unpaired_images:
+        p.error("argument --unpaired-negatives: needs --unpaired-images and --unpaired-texts")
     if bool(a.unpaired_images) != bool(a.unpaired_texts):
         p.error("give both --unpaired-images and --unpaired-texts (or neither: the supervised baseline)")
     return a
@@ -632,14 +697,16 @@ class AffineHead(nn.Module):
 
 
 class Heads(nn.Module):
-    """Trainable, fp32: f, g = LayerNorm -> Linear (d) (the authors'; --head-layers 2: MLP), SigLIP's scale, bias."""
+    """Trainable, fp32: f, g = LayerNorm -> Linear (d) (the authors'; --head-layers 2: MLP), the logit scale and
+    (SigLIP) bias."""
 
     def __init__(self, di, dt, args: Args):
         super().__init__()
         self.image_head = make_head("mlp", di, args.dim, args.hidden, args.head_layers)
         self.text_head = make_head("mlp", dt, args.dim, args.hidden, args.head_layers)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP's init 10, -10 (Zhai et al. 2023)
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        siglip = args.paired_loss == "siglip"  # SigLIP's init 10, -10 (Zhai et al. 2023); InfoNCE: CLIP's 1/0.07
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if siglip else 1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
 
     def forward(self, xi, xt):
         """xi: (b, Di), xt: (b', Dt) frozen features -> L2-normalised (b, d), (b', d), scale, bias."""
@@ -692,7 +759,24 @@ def ridge(X, Y, reg=0.1) -> dict:
     return {"mu_x": mx, "W_x": W, "mu_y": my, "W_y": torch.eye(Y.shape[1], dtype=Y.dtype)}
 
 
-TEACHER_FITS = {"cca": cca, "procrustes": procrustes, "ridge": ridge}
+def csa(X, Y, reg=0.1, dim=0) -> dict:
+    """CSA (Li, Chinchali, Topcu, ICLR 2025), SMA's training-free baseline: CCA on the pairs, and a similarity that
+    weights each canonical direction by its correlation,
+
+        s(x, y) = sum_{i <= dim} rho_i xh_i yh_i,   xh = the first `dim` canonical coordinates of x, L2-normalised
+                                                    (yh likewise), rho_i the canonical correlations (see cca).
+
+    As affine heads: W'_x = W_x[:, :dim] diag(sqrt(rho)), W'_y likewise, so <x W'_x, y W'_y> = sum_i rho_i x_i y_i.
+    # deviation: evaluate.py scores the cosine of the head outputs, i.e. s(x, y) / (||sqrt(rho) xh|| ||sqrt(rho) yh||);
+    # CSA ranks by s itself. Our CCA is regularised (reg) where theirs (cca_zoo) is not. dim = 0 keeps all.
+    """
+    T = cca(X, Y, reg)
+    k = min(dim or len(T["rho"]), len(T["rho"]))
+    w = T["rho"][:k].sqrt()
+    return {**T, "W_x": T["W_x"][:, :k] * w, "W_y": T["W_y"][:, :k] * w, "rho": T["rho"][:k]}
+
+
+TEACHER_FITS = {"cca": cca, "csa": csa, "procrustes": procrustes, "ridge": ridge}
 
 
 def sinkhorn_log(C, eps, a=None, b=None, iters=100, tol=0.0, symmetric=True, check_every=10, compile=False):
@@ -761,13 +845,57 @@ def klot(K, K_star, eps=0.05, eps_star=0.005, iters=100, tol=0.0, compile=False)
     return (value - t).detach() + t, {"ot": value, "ot_err": err[0], "ot_err_t": err[1]}
 
 
-def siglip(x, y, scale, bias):
-    """SigLIP (Zhai et al. 2023, Eq. 1): L = -(1/N) sum_{k,l} log sigmoid(z_kl (scale <x_k, y_l> + bias)),
-    z_kl = 1 if k = l else -1; x, y: (N, d) normalised embeddings."""
-    logits = scale * x @ y.T + bias  # (N, N)
-    z = 2 * torch.eye(len(x), dtype=x.dtype, device=x.device) - 1
-    loss = -F.logsigmoid(z * logits).sum() / len(x)
+def siglip(x, y, scale, bias, xu=None, yu=None):
+    """SigLIP (Zhai et al. 2023, Eq. 1) on N pairs: L = -(1/N) sum_{k,l} log sigmoid(z_kl (scale <x_k, y_l> + bias)),
+    z_kl = 1 for a pair (k = l < N), else -1. x, y: (N, d) normalised pair embeddings. With unpaired negatives
+    (xu (n, d), yu (m, d); SOTAlign's development runs) the rows run over [x; xu] and the columns over [y; yu],
+    without the unpaired-unpaired block (# not specified in the paper; we use pairs against unpaired only)."""
+    N = len(x)
+    X, Y = (x, y) if xu is None else (torch.cat([x, xu]), torch.cat([y, yu]))
+    logits = scale * X @ Y.T + bias  # (N + n, N + m)
+    z = -torch.ones_like(logits)
+    z[:N, :N] += 2 * torch.eye(N, dtype=x.dtype, device=x.device)
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    keep[N:, N:] = False
+    loss = -(F.logsigmoid(z * logits) * keep).sum() / N
     return loss, {"sig": loss}
+
+
+def infonce(x, y, scale, xu=None, yu=None):
+    """CLIP's InfoNCE on N pairs (Radford et al. 2021): L = 1/2 [ CE(scale x Y^T, diag) + CE(scale y X^T, diag) ],
+    Y = [y; yu], X = [x; xu]: with unpaired negatives each image also competes against the unpaired texts and each
+    text against the unpaired images. x, y: (N, d), xu: (n, d), yu: (m, d) normalised, or None."""
+    X, Y = (x, y) if xu is None else (torch.cat([x, xu]), torch.cat([y, yu]))
+    target = torch.arange(len(x), device=x.device)
+    i2t, t2i = F.cross_entropy(scale * x @ Y.T, target), F.cross_entropy(scale * y @ X.T, target)
+    return (i2t + t2i) / 2, {"nce": (i2t + t2i) / 2}
+
+
+def structure(E, A, tau=0.05, levels=1):
+    """STRUCTURE (Groger, Wen, Le, Brbic, NeurIPS 2025): keep one modality's neighbourhood structure in the aligned
+    space. With X = centre(normalize(E)), Z = centre(normalize(A)) (rows L2-normalised, then the batch mean removed),
+
+        P_E = softmax_rows(X X^T / tau),  P_A = softmax_rows(Z Z^T / tau),
+        R = (1/L) sum_{l=1..L} (1/n) sum_i JS(P_E^l[i] || P_A^l[i]),
+        JS(p || q) = KL(p || m) / 2 + KL(q || m) / 2,  m = (p + q) / 2;  P^l: l-step random-walk neighbourhoods.
+
+    E: (n, De) frozen features (constant), A: (n, d) head outputs. Returns R (scalar). The authors' level weights and
+    margin are left out (# not specified in the paper; we use their defaults: L = 1, equal weights, no margin).
+    """
+    def log_neighbours(Z):
+        Z = F.normalize(Z, dim=-1)
+        Z = Z - Z.mean(0)
+        return torch.log_softmax(Z @ Z.T / tau, dim=-1)  # (n, n)
+    log_PE, log_PA = log_neighbours(E.detach()), log_neighbours(A)
+    PE, PA, R = log_PE.exp(), log_PA.exp(), 0.0
+    QE, QA, log_QE, log_QA = PE, PA, log_PE, log_PA
+    for level in range(1, levels + 1):
+        if level > 1:  # P^l = P^(l-1) P; tiny floor so log 0 cannot appear
+            QE, QA = QE @ PE, QA @ PA
+            log_QE, log_QA = QE.clamp_min(1e-30).log(), QA.clamp_min(1e-30).log()
+        log_M = torch.logaddexp(log_QE, log_QA) - math.log(2)
+        R = R + ((QE * (log_QE - log_M)).sum(-1) + (QA * (log_QA - log_M)).sum(-1)).mean() / 2
+    return R / levels
 
 
 # ---------------------------------------------------------------------------- train
@@ -854,16 +982,18 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     P: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None; teacher: its AffineHeads."""
     PI, PT, counts = P["image"].to(device), P["text"].to(device), P["counts"].to(device)
     first = counts.cumsum(0) - counts  # (E,) index in PT of each entity's first caption
-    E, ot = len(PI), UI is not None and args.lambda_ot > 0
+    E, unpaired = len(PI), UI is not None  # unpaired batches feed KLOT, the extra negatives and STRUCTURE
+    ot = unpaired and args.lambda_ot > 0
     Bp = max(min(args.paired_batch, E) // world, 1) * world  # multiples of world: each rank takes an equal slice
     B = (Bp,)
-    if ot:
+    if unpaired:
         UI, UT = UI.to(device), UT.to(device)
+        B = (Bp, *(max(min(args.unpaired_batch, len(X)) // world, 1) * world for X in (UI, UT)))
+    if ot:
         with torch.no_grad():  # K* = cosine in the teacher's space (docs/SOTAlign.md); fixed, so embedded once
             TI, TT = (F.normalize(h.to(device)(X), dim=-1) for h, X in zip(teacher, (UI, UT)))
-        B = (Bp, *(max(min(args.unpaired_batch, len(X)) // world, 1) * world for X in (UI, UT)))
     # not specified in the paper; we use epoch = one pass over the larger unpaired set (over the pairs without it)
-    per_epoch = math.ceil(max(len(UI), len(UT)) / args.unpaired_batch) if ot else math.ceil(E / Bp)
+    per_epoch = math.ceil(max(len(UI), len(UT)) / args.unpaired_batch) if unpaired else math.ceil(E / Bp)
     total = args.steps or args.epochs * per_epoch
     torch.manual_seed(args.seed)  # head init; identical on every rank (DDP also broadcasts rank 0's weights)
     model = Heads(PI.shape[-1], PT.shape[-1], args).to(device)
@@ -881,7 +1011,7 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
     ddp = DDP(model) if world > 1 else model
     mine = lambda idx: idx.view(world, -1)[rank]  # noqa: E731  this rank's slice of a global batch
-    log(f"training {'sotalign' if ot else 'siglip-pairs'}: {E} pairs, batches {B} x {world} rank(s) -> {total} steps")
+    log(f"training {method_name(args, unpaired)}: {E} pairs, batches {B} x {world} rank(s) -> {total} steps")
 
     def halt(why):
         kept = f"{ckpt} (step {torch.load(ckpt, weights_only=True)['step']})" if ckpt.is_file() else "none"
@@ -894,14 +1024,24 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
         pick = torch.rand(Bp, generator=generator(args.seed, 3, step)).to(device)
         cap = first[ent] + (pick * counts[ent]).long()
         xi, xt = [PI[mine(ent)]], [PT[mine(cap)]]
-        if ot:
+        if unpaired:
             ii, tt = (draw(args.seed, s, len(X), b, step).to(device) for s, X, b in ((1, UI, B[1]), (2, UT, B[2])))
             xi.append(UI[mine(ii)]), xt.append(UT[mine(tt)])
         zi, zt, scale, bias = ddp(torch.cat(xi), torch.cat(xt))  # one forward: DDP wants one per backward
-        z = [zi[:Bp // world], zt[:Bp // world]] + ([zi[Bp // world:], zt[Bp // world:]] if ot else [])
+        z = [zi[:Bp // world], zt[:Bp // world]] + ([zi[Bp // world:], zt[Bp // world:]] if unpaired else [])
+        raw = [xi[0], xt[0]] + xi[1:] + xt[1:]  # the frozen features in z's order (STRUCTURE compares with them)
         if world > 1:  # the losses need whole batches; gradients flow back to each rank's slice
-            z = [Gather.apply(x) for x in z]
-        loss, parts = siglip(z[0], z[1], scale, bias)
+            z, raw = [Gather.apply(x) for x in z], [Gather.apply(x) for x in raw]
+        negatives = z[2:] if args.unpaired_negatives else []  # (n, d) images, (m, d) texts
+        if args.paired_loss == "siglip":
+            loss, parts = siglip(z[0], z[1], scale, bias, *negatives)
+        else:
+            loss, parts = infonce(z[0], z[1], scale, *negatives)
+        if args.lambda_structure:  # each modality over the whole batch, paired + unpaired (as SOTAlign's re-run)
+            r_img = structure(torch.cat(raw[0::2]), torch.cat(z[0::2]), args.structure_tau, args.structure_levels)
+            r_txt = structure(torch.cat(raw[1::2]), torch.cat(z[1::2]), args.structure_tau, args.structure_levels)
+            parts["struct"] = (r_img + r_txt) / 2
+            loss = loss + args.lambda_structure * parts["struct"]
         if ot:
             try:  # K = student cosine similarities (n, m), K* = teacher's
                 l_ot, p_ot = klot(z[2] @ z[3].T, TI[ii] @ TT[tt].T, args.eps, args.eps_teacher,
@@ -944,6 +1084,13 @@ def export(path, method, heads, kind, args: Args, scale, bias, metrics):
                  "logit_scale": scale, "logit_bias": bias, "args": asdict(args), "metrics": metrics}, path)
 
 
+def method_name(args: Args, unpaired: bool) -> str:
+    """What the heads are: sotalign (KLOT on), structure (the STRUCTURE baseline), else <paired loss>-pairs."""
+    if unpaired and args.lambda_ot > 0:
+        return "sotalign"
+    return "structure" if args.lambda_structure else f"{args.paired_loss}-pairs"
+
+
 def r1(m) -> str:
     return f"i2t {m['i2t_R@1']:.3f} t2i {m['t2i_R@1']:.3f}"
 
@@ -973,7 +1120,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
     keys = (args.image_key or None, args.caption_key or None, args.sep or None, args.skip_bad_rows)
-    pairs = read_pairs(args.pairs, *keys)
+    pairs = read_pairs(args.pairs, *keys, image_root=args.image_root or None, subset=args.subset)
     heldout = read_pairs(args.heldout, *keys) if args.heldout else None
     images = texts = None
     if args.unpaired_images:
@@ -990,7 +1137,8 @@ def main(argv=None):
     UI, UT = (get("unpaired", m, x) if x else None for m, x in (("image", images), ("text", texts)))
     encoders.clear()  # frees the frozen encoders before training
     # stage 1: the teacher, closed form, float64; not specified in the paper; we use every (image, caption) row
-    T = TEACHER_FITS[args.teacher](P["image"].repeat_interleave(P["counts"], 0), P["text"], args.teacher_reg)
+    fit = functools.partial(csa, dim=args.csa_dim) if args.teacher == "csa" else TEACHER_FITS[args.teacher]
+    T = fit(P["image"].repeat_interleave(P["counts"], 0), P["text"], args.teacher_reg)
     teacher = (AffineHead(*T["W_x"].shape), AffineHead(*T["W_y"].shape))  # z = (x / ||x|| - mu) W, float32
     for h, side in zip(teacher, "xy"):
         h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
@@ -998,14 +1146,16 @@ def main(argv=None):
     log(f"teacher {args.teacher}: " + " | ".join(f"{k} R@1 {r1(v)}" for k, v in scores.items()))
     # stage 2: heads trained with SigLIP on the pairs + lambda KLOT on the unpaired batches
     model, metrics = train(args, P, UI, UT, teacher, rank, world, device, log)
-    results, method = {}, "sotalign" if images and args.lambda_ot > 0 else "siglip-pairs"
+    results, method = {}, method_name(args, images is not None)
     if model is not None and rank == 0:  # the run's results are written only now, each atomically
         if H:
             metrics["heldout"] = recall_at_1((model.image_head, model.text_head), H)
             log(f"heads: heldout R@1 {r1(metrics['heldout'])}")
-        export(out / "teacher.pt", "sotalign-teacher", teacher, "affine", args, 1.0, None, scores)
+        export(out / "teacher.pt", "csa" if args.teacher == "csa" else "sotalign-teacher", teacher, "affine", args,
+               1.0, None, scores)
         export(out / "aligner.pt", method, (model.image_head, model.text_head), "mlp", args,
-               model.logit_scale.exp().item(), model.logit_bias.item(), metrics)
+               model.logit_scale.exp().item(), None if model.logit_bias is None else model.logit_bias.item(),
+               metrics)
         log(f"exported {out / 'aligner.pt'} ({method}) and {out / 'teacher.pt'}")
         for name in ("eval.json", "eval_teacher.json"):  # an --overwrite run: no earlier scores beside the new export
             (out / name).unlink(missing_ok=True)
