@@ -25,7 +25,7 @@ def tiny_aligner(path, method="sma", kind="mlp", dim=16):
             "logit_scale": 10.0, "logit_bias": None, "args": {"seed": 0}, "metrics": {}}
     torch.manual_seed(0)
     for m, d in in_dims.items():
-        head = ev.make_head(kind, d, dim, 24, 2)
+        head = ev.AffineHead(d, dim) if kind == "affine" else ev.make_head(kind, d, dim, 24, 2)
         if kind == "affine":  # a fitted teacher: non-zero mean and map
             head.mu.normal_(0, 0.1), head.W.normal_()
         ckpt[f"{m}_head"] = ev.head_state(head, kind, d, dim, 24, 2)

@@ -52,7 +52,7 @@ def test_readme_demo_trains_exports_and_beats_chance(tmp_path):
 
 def test_no_file_refers_to_notes_outside_the_repository():
     """The method notes live in docs/: a reference to the notes' old folder beside the repository would be dead in a
-    clone (the "shared block" is another thing: the code copied into the three scripts)."""
+    clone (the "shared block" is another thing: the plumbing in evaluate.py)."""
     needle = "shared" + "/"  # spelt so that this file does not match itself
     files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".txt", ".csv", ".json") and p.is_file()
              and not {".venv", ".cache", ".git", "runs", "datasets", "results"} & set(p.relative_to(ROOT).parts)]
