@@ -445,7 +445,7 @@ def parse_args(argv=None) -> Args:
 
 
 # ---------------------------------------------------------------------------- data / features
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a partial file holds one row per image (its K views concatenated), not one per view
 
 
 class Views(Dataset):

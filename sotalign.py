@@ -455,7 +455,7 @@ def parse_args(argv=None) -> Args:
 
 
 # ---------------------------------------------------------------------------- data / features
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: JPEGs >= 4x the encoder's resize are decoded at reduced size (rgb_first)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
