@@ -10,7 +10,7 @@ Commands:
   python sma.py --data pairs.csv                       # DINOv2 ViT-L/14 + GTE-large-1.5 (Hugging Face hub)
   python sma.py --data examples/emoji/train.csv --image-encoder offline:efficientnet-lite0 \
       --text-encoder offline:all-minilm-l6-v2 --eval emoji --dim 512 --hidden 1024 --batch-size 256 \
-      --epochs 30 --lr 3e-4                            # offline demo, real encoders: ~3 min on 2 CPU cores
+      --epochs 30 --lr 3e-4                            # offline demo, real encoders (time, memory: README)
   python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
   torchrun --nproc_per_node=N sma.py ...               # extraction sharded over ranks, heads trained with DDP
 Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, reused by later runs),
@@ -43,7 +43,7 @@ from tqdm import tqdm
 # the user-error type, cache reads and atomic writes. It lives once, in evaluate.py's shared block (which every
 # aligner goes through anyway); this file holds the method. Copy both files together.
 from evaluate import (DataError, Encoder, Pairs, atomic_save, check_folder, head_state, load_encoder, make_head,
-                      read_cache, read_pairs, rgb_first)
+                      read_cache, read_pairs)
 
 
 # ---------------------------------------------------------------------------- args
@@ -123,49 +123,47 @@ def parse_args(argv=None) -> Args:
 
 
 # ---------------------------------------------------------------------------- data / features
-CACHE_VERSION = 1
-
-
-def augmentations(enc: Encoder, K: int) -> list:
-    """K view transforms: view 0 the encoder's clean eval transform, views 1..K-1 random augmentations built from
-    the encoder's own input size and normalisation."""
-    import torchvision.transforms as T
-    # not specified in the paper; we use RandomResizedCrop(scale 0.5-1), horizontal flip, light colour jitter
-    aug = T.Compose([T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                     T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(),
-                     T.Normalize(enc.mean, enc.std)])
-    return [enc.transform] + [rgb_first(aug)] * (K - 1)
+CACHE_VERSION = 2  # 2: a partial file holds one row per image (its K views concatenated), not one per view
 
 
 class Views(Dataset):
-    """Item i = view i % K of image i // K, for the i in `index` (this rank's shard). A view's randomness is seeded
-    by (aug_seed, i), so it is the same whatever the worker, the rank count or the resume point."""
+    """Item j = the K views (K, 3, H, W) of image e = index[j] (this rank's shard) from one decode: view 0 the clean
+    eval view, 1..K-1 augmentations; view k is seeded by (aug_seed, e * K + k), whatever the worker, ranks or resume."""
 
-    def __init__(self, images, transforms, aug_seed, index):
-        self.images, self.transforms, self.aug_seed, self.index = images, transforms, aug_seed, index
+    def __init__(self, images, enc: Encoder, K, aug_seed, index):
+        import torchvision.transforms as T
+        # not specified in the paper; we use RandomResizedCrop(scale 0.5-1), horizontal flip, light colour jitter
+        aug = T.Compose([
+            T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(enc.mean, enc.std)])
+        self.transforms = [enc.transform] + [aug] * (K - 1)  # aug sees RGB: __getitem__ converts first
+        self.images, self.aug_seed, self.index = images, aug_seed, index
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, j):
-        i, K = self.index[j], len(self.transforms)
-        with torch.random.fork_rng(devices=[]), Image.open(self.images[i // K]) as im:
-            torch.manual_seed(self.aug_seed * 1_000_003 + i)  # torchvision's random transforms draw from torch's RNG
-            return self.transforms[i % K](im)
+        e, K = self.index[j], len(self.transforms)
+        with torch.random.fork_rng(devices=[]), Image.open(self.images[e]) as im:
+            im, views = im.convert("RGB"), []  # decoded here, once, at full size: the random crops need its pixels
+            for k, transform in enumerate(self.transforms):
+                torch.manual_seed(self.aug_seed * 1_000_003 + e * K + k)  # torchvision's transforms draw from it
+                views.append(transform(im))
+            return torch.stack(views)
 
 
 def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_every_s=60.0):
-    """enc.encode(items) in order, in batches -> (len(items), dim) float32 on the CPU.
-
-    Resumable: the features done so far are saved to `part` every `save_every_s` seconds, and a later call with the
-    same `part` starts after them (the part file's name carries the cache key, so it never mixes inputs).
-    """
-    done = read_cache(part, torch.zeros(0, enc.dim))
-    loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers)
+    """enc.encode(items) in order, in batches -> (len(items), dim) float32 on the CPU (an item of K views: K * enc.dim).
+    Resumable: the features done so far go to `part` every `save_every_s` seconds and a later call starts after them
+    (the part file's name carries the cache key, so it never mixes inputs)."""
+    done = read_cache(part, torch.zeros(0))
+    loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers,
+                        pin_memory="cuda" in enc.device)  # pinned: the copy to the GPU does not block
     chunks, saved = [done], time.time()
     with tqdm(total=len(items), initial=len(done), desc=desc, unit=desc.split()[0], disable=None) as bar:
-        for batch in loader:  # a batch of (B, 3, H, W) views, or a list of B captions (default_collate keeps str)
-            chunks.append(enc.encode(batch).cpu())
+        for batch in loader:  # (B, K, 3, H, W): the views of B images, or a list of B captions (default_collate)
+            x = batch.flatten(0, 1) if torch.is_tensor(batch) else batch  # (B * K, 3, H, W): one encoder call
+            chunks.append(enc.encode(x).view(len(batch), -1).cpu())  # (B, K * dim)
             bar.update(len(batch))
             if time.time() - saved >= save_every_s:
                 atomic_save(torch.cat(chunks), part)
@@ -199,19 +197,18 @@ def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", save_every
     workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
     feats, rate = {}, {}
     for modality, spec in (("image", args.image_encoder), ("text", args.text_encoder)):
-        enc = load_encoder(spec, modality, device)
-        n = E * K if modality == "image" else len(texts)
-        items = (Views(pairs.images, augmentations(enc, K), args.aug_seed, range(rank, n, world))
-                 if modality == "image" else texts[rank::world])
+        enc, image = load_encoder(spec, modality, device), modality == "image"
+        n = E if image else len(texts)  # items: images (K views each, encoded together) or captions
+        items = Views(pairs.images, enc, K, args.aug_seed, range(rank, n, world)) if image else texts[rank::world]
         start = time.time()
         mine = encode_all(enc, items, path.with_name(f"{path.stem}.{modality}.part{rank}of{world}.pt"),
-                          args.extract_batch_size, workers if modality == "image" else 0, f"{modality}s {spec}",
-                          save_every_s)
-        rate[modality] = n / max(time.time() - start, 1e-9)  # all ranks together
+                          max(1, args.extract_batch_size // (K if image else 1)), workers if image else 0,
+                          f"{modality}s {spec}", save_every_s)
+        rate[modality] = n * (K if image else 1) / max(time.time() - start, 1e-9)  # views/s, all ranks together
         if world > 1:  # every rank gets every shard; item i came from rank i % world
             shards = [None] * world
             dist.all_gather_object(shards, mine)
-            mine = torch.empty(n, enc.dim)
+            mine = torch.empty(n, shards[0].shape[-1])
             for r, shard in enumerate(shards):
                 mine[r::world] = shard
         feats[modality] = mine
@@ -652,8 +649,10 @@ def main(argv=None):
         (out / "eval.json").unlink(missing_ok=True)  # an --overwrite run: no earlier scores beside the new aligner
         if args.eval:  # evaluate.py on the export -> its results, with its one-line "summary"
             import evaluate
+            # evaluate.py's default batch of 256 images peaked at 5.4 GB on a CPU: use the extraction batch
             results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
-                                     str(out / "eval.json"), "--cache-dir", args.cache_dir])
+                                     str(out / "eval.json"), "--cache-dir", args.cache_dir,
+                                     "--batch-size", str(args.extract_batch_size)])
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
                      "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
                      "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),

