@@ -88,8 +88,8 @@ def test_views_are_bit_identical_to_the_per_view_path(jpegs):
 
 
 def test_features_of_k_views_decode_each_image_once(monkeypatch, tmp_path, jpegs):
-    pairs = sma.Pairs("pairs.csv", [str(p) for p in EMOJI] + jpegs, [["a"], ["b"]] * 4, list(range(2, 10)))
-    args = sma.Args(data="pairs.csv", image_encoder="timm-random:test_vit", text_encoder="hf-random:tiny", views=2,
+    pairs = sma.Pairs("pairs.csv", [str(p) for p in EMOJI] + jpegs, [["a"], ["b"]] * 4)
+    args = sma.Args(data="pairs.csv", image_encoder="timm-random:test_vit", text_encoder="py:tiny_encoders:text", views=2,
                     cache_dir=str(tmp_path), extract_batch_size=3)
     opened, open_ = [], Image.open
     monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(path) or open_(path, *a, **k))
