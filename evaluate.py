@@ -434,6 +434,36 @@ def check_folder(path, flag):
         tempfile.TemporaryFile(dir=found).close()
     except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
         raise DataError(f"{flag} {path}: cannot write into {found} ({e.strerror}); give a writable folder") from None
+
+
+def arg(default, help, **check):
+    """An Args field: default, --help text, and what parse_dataclass checks: required=True, choices=, ge= / gt= a bound."""
+    return field(default=default, metadata={"help": help, **check})
+
+
+def parse_dataclass(cls, description, argv=None):
+    """Flags built from the dataclass `cls` (one per field, --x / --no-x for bools, one default shown unless the help
+    states its own), parsed, then every field's bound (ge / gt) and a --device cuda without a GPU checked.
+    -> (instance, parser). Errors, the caller's own checks through parser.error too, are one line and exit status 2."""
+    p = argparse.ArgumentParser(description=description)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
+    for f in fields(cls):
+        flag, m = "--" + f.name.replace("_", "-"), f.metadata
+        default = "" if "default" in m["help"] else f" (default: {f.default!r})"  # a help may explain its own
+        h = m["help"] + (" (required)" if "required" in m else default)
+        if isinstance(f.default, bool):  # --x / --no-x
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=m.get("choices"),
+                           required="required" in m, help=h)
+    a = cls(**vars(p.parse_args(argv)))
+    for f in fields(a):
+        v, low = getattr(a, f.name), f.metadata.get("ge", f.metadata.get("gt"))
+        if low is not None and not (v >= low if "ge" in f.metadata else v > low):  # NaN fails too
+            p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
+    return a, p
 # ============================================================================ end shared block
 
 HERE = Path(__file__).resolve().parent
@@ -444,11 +474,6 @@ DEFAULT_TEMPLATES = ["a photo of a {}."]  # folder: tasks without templates.txt
 
 
 # ---------------------------------------------------------------------------- args
-def arg(default, help, **check):
-    """An Args field: default, --help text, and what parse_args checks: required=True, choices=, ge= / gt= a bound."""
-    return field(default=default, metadata={"help": help, **check})
-
-
 @dataclass
 class Args:
     aligner: str = arg("", "aligner checkpoint written by sma.py / sotalign.py (format aligner/1)")
@@ -475,24 +500,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
-    for f in fields(Args):
-        flag, m = "--" + f.name.replace("_", "-"), f.metadata
-        default = "" if "default" in m["help"] else f" (default: {f.default!r})"  # a help may explain its own
-        h = m["help"] + (" (required)" if "required" in m else default)
-        if isinstance(f.default, bool):  # --x / --no-x
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=m.get("choices"),
-                           required="required" in m, help=h)
-    a = Args(**vars(p.parse_args(argv)))
-    for f in fields(a):
-        v, low = getattr(a, f.name), f.metadata.get("ge", f.metadata.get("gt"))
-        if low is not None and not (v >= low if "ge" in f.metadata else v > low):  # NaN fails too
-            p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
+    a, p = parse_dataclass(Args, __doc__.split("\n\n")[0], argv)
     if bool(a.aligner) == bool(a.model):
         p.error("name one model: --aligner PATH, or --model NAME --pretrained TAG")
     if a.model and not a.pretrained:

@@ -18,7 +18,6 @@ Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>.pt (features of each input 
   (aligners evaluate.py loads), checkpoint.pt (training state, atomic), manifest.json, eval*.json (with --eval).
 Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/sotalign_emoji_results.md); GPU: not yet.
 """
-import argparse
 import csv
 import functools
 import hashlib
@@ -29,7 +28,7 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -45,16 +44,11 @@ from tqdm import tqdm
 # The plumbing this file shares with evaluate.py: the pairs / COCO readers, frozen encoders by spec, the MLP head,
 # the user-error type, cache reads and atomic writes. It lives once, in evaluate.py's shared block (which every
 # aligner goes through anyway); this file holds the method. Copy both files together.
-from evaluate import (AffineHead, DataError, Encoder, atomic_save, check_folder, check_image, head_state, load_encoder,
-                      make_head, read_cache, read_pairs)
+from evaluate import (AffineHead, DataError, Encoder, arg, atomic_save, check_folder, check_image, head_state,
+                      load_encoder, make_head, parse_dataclass, read_cache, read_pairs)
 
 
 # ---------------------------------------------------------------------------- args
-def arg(default, help, **check):
-    """An Args field: default, --help text, and what parse_args checks: required=True, choices=, ge= / gt= a bound."""
-    return field(default=default, metadata={"help": help, **check})
-
-
 TEACHERS = ("cca", "csa", "procrustes", "ridge")
 PAIRED_LOSSES = ("siglip", "infonce")
 
@@ -121,23 +115,7 @@ RUN_ONLY = {"heldout", "compile", "out", "overwrite", "cache_dir", "resume", "ev
 
 
 def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
-    for f in fields(Args):
-        flag, m = "--" + f.name.replace("_", "-"), f.metadata
-        h = m["help"] + (" (required)" if "required" in m else f" (default: {f.default!r})")
-        if isinstance(f.default, bool):  # --x / --no-x
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=m.get("choices"),
-                           required="required" in m, help=h)
-    a = Args(**vars(p.parse_args(argv)))
-    for f in fields(a):
-        v, low = getattr(a, f.name), f.metadata.get("ge", f.metadata.get("gt"))
-        if low is not None and not (v >= low if "ge" in f.metadata else v > low):  # NaN fails too
-            p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
+    a, p = parse_dataclass(Args, __doc__.split("\n")[0], argv)
     if a.unpaired_negatives and not a.unpaired_images:
         p.error("argument --unpaired-negatives: needs --unpaired-images and --unpaired-texts")
     if bool(a.unpaired_images) != bool(a.unpaired_texts):

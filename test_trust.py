@@ -5,6 +5,7 @@ fix, print no traceback, and leave the --out folder of a finished run byte-ident
 caches are recomputed with a warning. One finished run per script is built once for the module (tiny random encoders,
 a few steps) and reused by the tests."""
 import csv
+import dataclasses
 import gc
 import hashlib
 import json
@@ -301,7 +302,7 @@ def test_help_shows_one_default_per_flag_and_marks_the_required_ones(script, req
         module.parse_args(["--help"])
     text = capsys.readouterr().out
     options = text[text.index("options:"):]
-    entries, flags = {}, {"--" + f.name.replace("_", "-") for f in module.fields(module.Args)}
+    entries, flags = {}, {"--" + f.name.replace("_", "-") for f in dataclasses.fields(module.Args)}
     for line in options.splitlines()[1:]:
         first = line.strip().split(" ")[0].rstrip(",")
         if line.startswith("  --"):
@@ -319,7 +320,7 @@ def test_help_shows_one_default_per_flag_and_marks_the_required_ones(script, req
             assert entry.count("(required)") == 1 and "default" not in entry, entry
         else:
             assert entry.count("(default") == 1 and "True:" not in entry, entry
-        assert bool_flag == isinstance(next(f.default for f in module.fields(module.Args)
+        assert bool_flag == isinstance(next(f.default for f in dataclasses.fields(module.Args)
                                             if "--" + f.name.replace("_", "-") == flag), bool), entry
     usage = " ".join(text[:text.index("options:")].split())
     for flag in required:
