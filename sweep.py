@@ -503,22 +503,27 @@ def report(a, results, budgets):
     import matplotlib.pyplot as plt
     C = cells(results)
     methods = [m for m in a.methods if any(k[0] == m for k in C)]
-    text_image = None
-    ret = [r for r in results.rows if r["stage"] in ("run", "claim") and "i2t" in r["heldout"].get("hits", {})]
-    if ret:  # rebuild the retrieval caption -> image map from the tasks (cached; no encoder loads)
-        common = {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder}
-        tasks = load_tasks(a.heldout, common, a.cache_dir)
-        text_image = next(t["text_image"] for t in tasks.values() if t["kind"] == "retrieval")
+    text_image, chance = None, {}
+    if any(r["stage"] in ("run", "claim") for r in results.rows):  # the tasks' labels (cached; no encoder loads)
+        tasks = load_tasks(a.heldout, {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder},
+                           a.cache_dir)
+        for t in tasks.values():
+            if t["kind"] == "retrieval":
+                text_image, chance["R@1"] = t["text_image"], 1 / len(t["image"])  # a random ranking's R@1
+            else:  # the largest class, as the emoji README's chance level
+                chance["zs_acc1"] = torch.bincount(t["labels"]).max().item() / len(t["labels"])
     device = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     L = [f"# Sweep: score against the number of paired entities ({Path(a.data).name}, {a.image_encoder} + "
          f"{a.text_encoder})", "",
-         f"Command: `python {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`  ",
+         f"Command: `python {' '.join([Path(sys.argv[0]).name, *(x for x in sys.argv[1:] if x != '--report-only')])}`"
+         "  ",
          f"Device: {device}, torch {torch.__version__}; seeds {a.seeds}; held-out tasks `{a.heldout}`; validation "
          f"{a.val_pct}% of the entities (sha1 of the image path){', zero-shot classes from ' + a.val_classes if a.val_classes else ''}.  ",
          f"{summary(a, results)}", "",
          "Protocol: sweep.py's docstring (selection per method and budget on seed 0's validation scores, zero-shot "
          "acc1 from the runs selected on validation zero-shot acc1, R@1 and the gap from those selected on "
-         "validation R@1). Cells: mean ± std over seeds, % (gap: L2 distance of the modality means).", ""]
+         "validation R@1). Cells: mean ± std over seeds, % (gap: L2 distance of the modality means). Chance: "
+         + ", ".join(f"{k} {100 * v:.2f}%" for k, v in chance.items()) + ".", ""]
     for metric, title in [("zs_acc1", "held-out zero-shot acc1 (%)"), ("R@1", "held-out retrieval R@1, (i2t + t2i) / 2 (%)"),
                           ("i2t_R@1", "held-out i2t R@1 (%)"), ("t2i_R@1", "held-out t2i R@1 (%)"),
                           ("gap", "modality gap, held-out retrieval pairs")]:
@@ -529,6 +534,10 @@ def report(a, results, budgets):
                                               for b, _ in budgets) + " |")
         L.append("")
     L += ["### Paired bootstrap, 95% intervals of the difference (points of %), held-out items", "",
+          "Each method's per-item hits are averaged over the seeds, then the held-out items are resampled (2,000 "
+          "times). The interval covers the sampling of test items only. It does not cover the noise of the selection "
+          "(one seed, a small validation split): where two methods were given different configs, part of a "
+          "difference can come from that.", "",
           "| comparison | budget | zero-shot acc1 | retrieval R@1 |", "|---|---|---|---|"]
     for x, y in COMPARE:
         if x not in methods or y not in methods:
@@ -585,8 +594,12 @@ def report(a, results, budgets):
                 line, = ax.plot(xs, ms, marker="o", label=m)
                 ax.fill_between(xs, [u - s for u, s in zip(ms, ss)], [u + s for u, s in zip(ms, ss)],
                                 color=line.get_color(), alpha=0.15)
+        if metric in chance:
+            ax.axhline(100 * chance[metric], color="grey", ls="--", lw=1, label="chance")
         ax.set_xscale("log")
-        ax.set_xlabel("paired training entities (log)")
+        ax.set_xticks([n for _, n in budgets], [f"{n}\n{b}" for b, n in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("paired training entities (log scale)")
         ax.set_title(title + ("" if metric == "gap" else " (%)"), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
