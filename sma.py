@@ -16,7 +16,7 @@ Commands:
 Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, reused by later runs),
   <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
   <out>/aligner.pt (the export evaluate.py loads; format in README.md), <out>/eval.json (with --eval).
-Measured on: 2 CPU cores, torch 2.15, no GPU (bench/sma_step_cpu.md, bench/sma_emoji_results.md). GPU: not yet.
+Measured on: 2 CPU cores, torch 2.15, no GPU (bench/sma_step_cpu.md, bench/sweep_emoji.md). GPU: not yet.
 """
 import argparse
 import hashlib

@@ -7,10 +7,14 @@ arXiv 2602.23353). This drives sma.py and sotalign.py in-process on one feature 
 
   python sweep.py --data examples/emoji/train.csv --heldout emoji --val-classes examples/emoji/subgroups.csv \
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 \
-      --budgets 5%,10%,25%,50%,100% --seeds 0,1,2 --out bench/sweep_emoji      # ~30 min on 2 busy CPU cores
+      --budgets 5%,10%,25%,50%,100% --seeds 0,1,2 --claim-budgets 5%,25%,100% --threads 1 \
+      --methods multipos,flqmi,infonce,siglip,teacher,siglip-pairs,sotalign --out bench/sweep_emoji
+  (about 30 min on 2 CPU cores shared with other jobs, extraction included: bench/sweep_emoji.md has the split)
   (the same command again continues a cut sweep: finished runs are read back from <out>.jsonl, never redone)
 
-Writes <out>.jsonl (one row per finished run, appended and fsynced), <out>.md (tables), <out>.png (plots).
+Writes <out>.jsonl (one row per finished run, appended and fsynced), <out>.md (tables), <out>.png (plots). A method
+is one entry of METHODS (how it trains + its grid); every method is scored by the same code (evaluate.py's metrics).
+Runs call sma.train / sotalign.train directly and score their heads in memory (no aligner.pt is written).
 
 Protocol (every choice here is ours, not the papers'):
 - Features: sma.features once per (data, encoder pair, K views): every entity's K views (view 0 = the encoder's clean
@@ -24,7 +28,7 @@ Protocol (every choice here is ours, not the papers'):
   seed. For sotalign the training entities outside the budget become its unpaired data, cut into two disjoint halves
   (images of the first half, all captions of the second), so no image meets its own caption as "unpaired"; at 100%
   there is none left and sotalign is not run (it would be siglip-pairs).
-- Selection: per method and budget, every config of the method's grid (GRIDS) is trained on seed 0's paired set and
+- Selection: per method and budget, every config of the method's grid (METHODS) is trained on seed 0's paired set and
   scored on the validation split with two signals of the kind of the reported metrics: zero-shot acc1 on the
   validation entities whose class (--val-classes: image,class with the class folders of the held-out zero-shot task,
   whose class names and templates are used) is one of the held-out task's classes, and validation retrieval R@1
@@ -32,13 +36,19 @@ Protocol (every choice here is ours, not the papers'):
   on every seed. Held-out zero-shot acc1 is reported from the zero-shot-selected runs, retrieval R@1 and the modality
   gap (held-out retrieval pairs) from the R@1-selected runs. Selecting on seed 0 only and reusing it for all seeds
   saves CPU time; the chosen configs are in <out>.jsonl and <out>.md.
-- Temperature: SMA methods' tau is part of the grid (initial value, learned or fixed: sma.py --tau / --fixed-tau);
-  SigLIP's scale and bias stay learned (sotalign.py, SAIL's init), as in the papers.
+- Temperature: for flqmi / infonce / multipos tau is fixed (sma.py --fixed-tau) and selected from the grid: learned
+  at the heads' lr it moves by < 15% in 150 steps (bench/sweep_tau_emoji.md), so its initial value is what matters.
+  SigLIP's scale and bias stay learned (the grid sets the initial scale of sma.py's siglip; sotalign.py's has no
+  flag and starts at 10, bias -10, as the SigLIP paper).
+- Heads and steps: d = 128 (--dim), SMA hidden 256 (--hidden), batch 128 entities (--batch-size; the unpaired
+  batch too), sotalign's heads 1 layer (the authors'); steps are set by the grid and are the same at every budget
+  (SMA's epochs are derived from them).
 - Uncertainty: mean +- std over seeds per cell; for the headline comparisons (COMPARE) a paired bootstrap over the
   held-out items (the same images / entities scored by both methods, per-item hits averaged over the seeds both
   ran), 2,000 resamples, 95% percentile interval of the difference.
-- SMA's claim: FLQMI against multi-positive InfoNCE at matched config (multipos's zero-shot-selected config at the
-  --claim-budget: same lr, steps, tau, views) with M = 1 and M = 5 captions per step, --claim-seeds seeds.
+- SMA's claim: FLQMI against multi-positive InfoNCE at a matched config (same lr, steps, fixed tau, views, heads)
+  with M = 1 and M = 5 captions per step, --claim-seeds seeds, at each --claim-budgets budget, once at multipos's
+  and once at flqmi's zero-shot-selected config (so neither method runs only at the other's optimum).
 """
 import argparse
 import hashlib
@@ -47,11 +57,10 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +70,10 @@ from tqdm import tqdm
 import evaluate
 import sma
 import sotalign
+
+class UserError(ValueError):
+    """A bad command line or input: printed as one line, exit status 2."""
+
 
 # ---------------------------------------------------------------------------- methods
 # A method is one entry: how it trains (a function of the paired / unpaired features, its config and the seed that
@@ -233,7 +246,7 @@ def load_tasks(spec, common, cache_dir):
     for name, task in evaluate.resolve_tasks(spec).items():
         data, skipped = evaluate.read_task(name, task, eargs)
         if skipped:
-            raise SystemExit(f"--heldout: {skipped}")
+            raise UserError(f"--heldout: {skipped}")
         cache = Path(cache_dir) / "eval"
         root = str(evaluate.task_root(name, task, eargs).resolve())
         key = evaluate.fingerprint([name, root, task.split, len(data.images), common["image_encoder"]], data.files)
@@ -274,7 +287,7 @@ def val_tasks(pairs, F_, val_ids, classes_csv, heldout, common, cache_dir):
         keep = [(j, z["classes"].index(cls[pairs.images[i]])) for j, i in enumerate(val_ids)
                 if cls.get(pairs.images[i]) in z["classes"]]
         if len(keep) < 2:
-            raise SystemExit(f"--val-classes {classes_csv}: {len(keep)} validation entities have a class of the "
+            raise UserError(f"--val-classes {classes_csv}: {len(keep)} validation entities have a class of the "
                              f"held-out zero-shot task; need >= 2")
         tasks["val_zeroshot"] = {"kind": "zeroshot", "image": V["image"][[j for j, _ in keep], 0],
                                  "labels": torch.tensor([c for _, c in keep]), "text": z["text"],
@@ -327,11 +340,13 @@ def plan(a, budgets, seeds, methods):
                 yield "run", name, b, s, None
         if not claim or not {"flqmi", "multipos"} <= set(methods[:i + 1]):
             continue
-        claim, b = False, parse_budgets(a.claim_budget, a.n_train)[0]
-        for s in a.claim_seeds:
-            for M in (1, 5):
-                for loss in ("flqmi", "multipos"):
-                    yield "claim", loss, b, s, {"M": M}
+        claim = False
+        for b in parse_budgets(a.claim_budgets, a.n_train):
+            for src in ("multipos", "flqmi"):
+                for s in a.claim_seeds:
+                    for M in (1, 5):
+                        for loss in ("flqmi", "multipos"):
+                            yield "claim", loss, b, s, {"M": M, "from": src}
 
 
 def choose(results, name, budget):
@@ -360,8 +375,8 @@ def sweep(a):
     val = val_tasks(pairs, F_, val_ids, a.val_classes, heldout, common, a.cache_dir)
     t_extract = time.time() - t0
     budgets = parse_budgets(a.budgets, len(train_ids))
-    if a.claim_seeds and a.claim_budget not in [b for b, _ in budgets]:
-        raise SystemExit(f"--claim-budget {a.claim_budget} must be one of --budgets {a.budgets}")
+    if a.claim_seeds and not {b for b, _ in parse_budgets(a.claim_budgets, a.n_train)} <= {b for b, _ in budgets}:
+        raise UserError(f"--claim-budgets {a.claim_budgets} must be among --budgets {a.budgets}")
     results = Results(f"{a.out}.jsonl")
     todo = list(plan(a, budgets, a.seeds, a.methods))
     print(f"{a.data}: {len(pairs.images)} entities = {len(train_ids)} train + {len(val_ids)} validation; budgets "
@@ -379,8 +394,8 @@ def sweep(a):
                     cfgs.setdefault(json.dumps(c, sort_keys=True), []).append(signal)
                 work = [(json.loads(c), signals) for c, signals in cfgs.items()]
             elif stage == "claim":
-                base = choose(results, "multipos", label)["zeroshot"]  # matched: multipos's config, tau fixed
-                work = [({**base, "loss": name, "learn_tau": False, "M": cfg["M"]}, ["claim"])]
+                base = choose(results, cfg["from"], label)["zeroshot"]
+                work = [({**json.loads(shared(base)), "loss": name, "learn_tau": False, "M": cfg["M"]}, ["claim"])]
             else:
                 work = [(cfg, [])]
             for c, signals in work:
@@ -403,7 +418,7 @@ def sweep(a):
                     row["val"] = score_all((hi, ht), val)
                 else:
                     row["heldout"] = score_all((hi, ht), heldout, with_hits=True)
-                results.add(row)
+                results.add({**row, **clock(t_start, t_extract)})
                 n_new += 1
     session(results, t_start, t_extract, n_new)
     report(a, results, budgets)
@@ -411,18 +426,28 @@ def sweep(a):
     return results
 
 
+def clock(t_start, t_extract):
+    """Which invocation wrote a row and when: a sweep killed mid-way still accounts for its time."""
+    return {"invocation": round(t_start, 3), "t_s": round(time.time() - t_start, 1), "features_s": round(t_extract, 1)}
+
+
 def session(results, t_start, t_extract, n_new):
-    """A row per sweep invocation (also a cut one): its wall time and feature time, for the summary line."""
-    results.add({"key": f"session {time.time()}", "stage": "session", "wall_s": round(time.time() - t_start, 1),
-                 "features_s": round(t_extract, 1), "new_runs": n_new})
+    """A row at the end of an invocation (finished or --stop-after-runs): its wall time."""
+    results.add({"key": f"session {time.time()}", "stage": "session", "new_runs": n_new,
+                 **clock(t_start, t_extract)})
 
 
 def summary(a, results):
-    """One line: runs, and the wall time of all invocations split into features, training and the rest."""
+    """One line: runs, and the wall time of all invocations (each: until its last row) split into features,
+    training and the rest."""
     runs = [r for r in results.rows if r["stage"] != "session"]
-    wall, feats = (sum(r[k] for r in results.rows if r["stage"] == "session") for k in ("wall_s", "features_s"))
+    last = {}
+    for r in results.rows:
+        if "invocation" in r:
+            last[r["invocation"]] = r  # rows are in time order
+    wall, feats = (sum(r[k] for r in last.values()) for k in ("t_s", "features_s"))
     train = sum(r["train_s"] for r in runs)
-    n = sum(1 for r in results.rows if r["stage"] == "session")
+    n = len(last)
     return (f"sweep | {len(runs)} runs in {a.out}.jsonl | wall {wall / 60:.1f} min over {n} invocation(s): "
             f"features {feats / 60:.1f} min, training {train / 60:.1f} min, rest (scoring, selection, I/O) "
             f"{(wall - feats - train) / 60:.1f} min")
@@ -450,23 +475,30 @@ def cells(results, stage="run"):
     return out
 
 
-def item_hits(results, method, budget, seeds, signal, stage="run", extra=None):
-    """{seed: {"zs": tensor, "i2t": tensor, "t2i": tensor}} of the runs selected on `signal`."""
+def shared(config):
+    """The part of a claim run's config that both losses share (lr, steps, tau)."""
+    return json.dumps({k: v for k, v in config.items() if k not in ("loss", "M", "eta", "learn_tau")}, sort_keys=True)
+
+
+def item_hits(results, method, budget, seeds, signal, stage="run", M=None, matched=None):
+    """{seed: {"zs": tensor, "i2t": tensor, "t2i": tensor}} of the runs selected on `signal` (claim runs: with M
+    captions and the shared config `matched`)."""
     out = {}
     for r in results.rows:
         if (r["stage"] == stage and r["method"] == method and r["budget"] == budget and r["seed"] in seeds
-                and (signal in r["selected_for"]) and (extra is None or r["config"].get("M") == extra)):
+                and (signal in r["selected_for"]) and (M is None or r["config"].get("M") == M)
+                and (matched is None or shared(r["config"]) == matched)):
             out[r["seed"]] = {k: torch.tensor([c == "1" for c in v], dtype=torch.float64)
                               for k, v in r["heldout"]["hits"].items()}
     return out
 
 
-def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, n_boot=2000, seed=0):
+def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, matched=None, n_boot=2000, seed=0):
     """Paired bootstrap over held-out items of mean(a) - mean(b), per-item hits averaged over the seeds both ran.
     metric zs_acc1: items = zero-shot images; R@1: items = retrieval images with their captions
     ((i2t + t2i) / 2 recomputed on each resample). -> (diff, lo, hi, n_items, n_seeds) or None."""
-    signal = "zeroshot" if metric == "zs_acc1" else ("retrieval" if stage == "run" else "claim")
-    ha, hb = (item_hits(results, m, budget, range(10 ** 6), signal, stage, M) for m in (a, b))
+    signal = "claim" if stage == "claim" else "zeroshot" if metric == "zs_acc1" else "retrieval"
+    ha, hb = (item_hits(results, m, budget, range(10 ** 6), signal, stage, M, matched) for m in (a, b))
     seeds = sorted(set(ha) & set(hb))
     if not seeds:
         return None
@@ -518,13 +550,15 @@ def report(a, results, budgets):
          f"Command: `python {' '.join([Path(sys.argv[0]).name, *(x for x in sys.argv[1:] if x != '--report-only')])}`"
          "  ",
          f"Device: {device}, torch {torch.__version__}; seeds {a.seeds}; held-out tasks `{a.heldout}`; validation "
-         f"{a.val_pct}% of the entities (sha1 of the image path){', zero-shot classes from ' + a.val_classes if a.val_classes else ''}.  ",
+         f"{a.val_pct}% of the entities (sha1 of the image path)"
+         f"{', zero-shot classes from ' + a.val_classes if a.val_classes else ''}.  ",
          f"{summary(a, results)}", "",
          "Protocol: sweep.py's docstring (selection per method and budget on seed 0's validation scores, zero-shot "
          "acc1 from the runs selected on validation zero-shot acc1, R@1 and the gap from those selected on "
          "validation R@1). Cells: mean ± std over seeds, % (gap: L2 distance of the modality means). Chance: "
          + ", ".join(f"{k} {100 * v:.2f}%" for k, v in chance.items()) + ".", ""]
-    for metric, title in [("zs_acc1", "held-out zero-shot acc1 (%)"), ("R@1", "held-out retrieval R@1, (i2t + t2i) / 2 (%)"),
+    for metric, title in [("zs_acc1", "held-out zero-shot acc1 (%)"),
+                          ("R@1", "held-out retrieval R@1, (i2t + t2i) / 2 (%)"),
                           ("i2t_R@1", "held-out i2t R@1 (%)"), ("t2i_R@1", "held-out t2i R@1 (%)"),
                           ("gap", "modality gap, held-out retrieval pairs")]:
         L += [f"### {title}", "", "| method | " + " | ".join(f"{b} ({n})" for b, n in budgets) + " |",
@@ -545,31 +579,37 @@ def report(a, results, budgets):
         for b, _ in budgets:
             cols = []
             for metric in ("zs_acc1", "R@1"):
-                r = bootstrap(results, x, y, b, metric, text_image) if metric == "zs_acc1" or text_image is not None else None
+                r = (bootstrap(results, x, y, b, metric, text_image)
+                     if metric == "zs_acc1" or text_image is not None else None)
                 cols.append("–" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] "
                                                   f"(n = {r[3]}, {r[4]} seeds)")
             if any(c != "–" for c in cols):
                 L.append(f"| {x} − {y} | {b} | " + " | ".join(cols) + " |")
     claim = [r for r in results.rows if r["stage"] == "claim"]
     if claim:
-        b = claim[0]["budget"]
-        cfg = {k: v for k, v in claim[0]["config"].items() if k not in ("loss", "M")}
-        L += ["", f"### SMA's claim: flqmi − multipos at matched config ({cfg}), budget {b}", "",
-              "| captions per step M | flqmi acc1 | multipos acc1 | Δ acc1 [95%] | flqmi R@1 | multipos R@1 | "
-              "Δ R@1 [95%] |", "|---|---|---|---|---|---|---|"]
-        for M in (1, 5):
-            vals = {m: {} for m in ("flqmi", "multipos")}
-            for r in claim:
-                if r["config"]["M"] == M:
-                    vals[r["method"]].setdefault("zs_acc1", {})[r["seed"]] = r["heldout"].get("zs_acc1")
-                    vals[r["method"]].setdefault("R@1", {})[r["seed"]] = r["heldout"].get("R@1")
-            row = [str(M)]
-            for metric in ("zs_acc1", "R@1"):
-                row += [fmt(vals["flqmi"].get(metric, {})), fmt(vals["multipos"].get(metric, {}))]
-                r = bootstrap(results, "flqmi", "multipos", b, metric, text_image, "claim", M)
-                row.append("–" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] "
-                                                 f"({r[4]} seeds)")
-            L.append("| " + " | ".join(row) + " |")
+        L += ["", "### SMA's claim: flqmi − multipos at a matched config, M = 1 and M = 5 captions per step", "",
+              "Both losses run at the same config (lr, steps, fixed tau; K = 2 views, same heads and seeds): the "
+              "zero-shot-selected config of the method in the `config of` column. The set formulation helps if "
+              "Δ > 0 at M = 5 and Δ ≈ 0 at M = 1. Δ: paired bootstrap 95% interval over the held-out items.", "",
+              "| budget | config of | lr, steps, tau | M | flqmi acc1 | multipos acc1 | Δ acc1 [95%] | flqmi R@1 | "
+              "multipos R@1 | Δ R@1 [95%] |", "|---|---|---|---|---|---|---|---|---|---|"]
+        groups = list(dict.fromkeys((r["budget"], shared(r["config"])) for r in claim))
+        for b, matched in groups:
+            src = [m for m in ("multipos", "flqmi") if shared({**choose(results, m, b)["zeroshot"]}) == matched]
+            cfg = json.loads(matched)
+            for M in (1, 5):
+                vals = {m: {} for m in ("flqmi", "multipos")}
+                for r in claim:
+                    if r["budget"] == b and r["config"]["M"] == M and shared(r["config"]) == matched:
+                        for metric in ("zs_acc1", "R@1"):
+                            vals[r["method"]].setdefault(metric, {})[r["seed"]] = r["heldout"][metric]
+                row = [b, " = ".join(src), f"{cfg.get('lr')}, {cfg.get('steps')}, {cfg.get('tau')}", str(M)]
+                for metric in ("zs_acc1", "R@1"):
+                    row += [fmt(vals["flqmi"].get(metric, {})), fmt(vals["multipos"].get(metric, {}))]
+                    r = bootstrap(results, "flqmi", "multipos", b, metric, text_image, "claim", M, matched)
+                    row.append("–" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] "
+                                                     f"({r[4]} seeds)")
+                L.append("| " + " | ".join(row) + " |")
     L += ["", "### Selected configs (validation, seed 0)", "", "| method | budget | for zero-shot | for R@1 |",
           "|---|---|---|---|"]
     for m in methods:
@@ -612,19 +652,21 @@ def report(a, results, budgets):
 
 # ---------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Protocol:" + __doc__.split("Protocol (every choice here is ours, not the papers'):")[1])
+    protocol = __doc__.split("Protocol (every choice here is ours, not the papers'):")[1]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Protocol:" + protocol,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="pairs file (image,caption rows): training + validation entities")
     p.add_argument("--heldout", required=True, help="evaluate.py tasks scored after training, e.g. `emoji` or "
                    "`csv:heldout.csv,folder:zeroshot` (never used for selection)")
     p.add_argument("--val-classes", default="", help="CSV image,class: the class (a folder of the held-out "
                    "zero-shot task) of training entities; enables the validation zero-shot signal")
     p.add_argument("--budgets", default="5%,10%,25%,50%,100%", help="paired training entities: counts or percentages")
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (selection uses the first budget's seed 0)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (selection always trains with seed 0)")
     p.add_argument("--methods", default=",".join(m for m in METHODS if m != "flvmi"),
                    help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--claim-seeds", default="0,1,2,3,4", help="seeds of the flqmi vs multipos M = 1 / 5 cell ('' = off)")
-    p.add_argument("--claim-budget", default="100%", help="budget of that cell")
+    p.add_argument("--claim-seeds", default="0,1,2,3,4",
+                   help="seeds of the flqmi vs multipos M = 1 / 5 cell ('' = off)")
+    p.add_argument("--claim-budgets", default="100%", help="budgets of that cell (comma list, among --budgets)")
     p.add_argument("--image-encoder", default="offline:efficientnet-lite0")
     p.add_argument("--text-encoder", default="offline:all-minilm-l6-v2")
     p.add_argument("--views", type=int, default=2, help="K image views per entity (SMA methods)")
@@ -647,7 +689,13 @@ def parse_args(argv=None):
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; known: {', '.join(METHODS)}")
-    for name, entries in (json.loads(a.grid) if a.grid else {}).items():
+    try:
+        grid = json.loads(a.grid) if a.grid else {}
+    except json.JSONDecodeError as e:
+        p.error(f"--grid: not JSON ({e})")
+    for name, entries in grid.items():
+        if name not in METHODS or not isinstance(entries, dict):
+            p.error(f"--grid: {name!r} must be one of {', '.join(METHODS)}, with a dict of lists")
         METHODS[name] = replace(METHODS[name], grid={**METHODS[name].grid, **entries})
     return a
 
@@ -662,7 +710,7 @@ def main(argv=None):
             n_train = len(val_split(pairs, a.val_pct)[0])
             return report(a, Results(f"{a.out}.jsonl"), parse_budgets(a.budgets, n_train))
         return sweep(a)
-    except sma.DataError as e:
+    except (sma.DataError, UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -83,3 +83,21 @@ def test_sweep_rows_table_plot_and_resume(tiny, tmp_path):
     assert "wall" in table and "over 2 invocation(s)" in table  # the session rows: the time of every invocation
     sweep.main(argv(tiny, out))  # a finished sweep reruns nothing
     assert runs_in(out) == rows
+
+
+def test_claim_cell_runs_both_losses_at_each_selected_config(tiny, tmp_path):
+    out = tmp_path / "claim"
+    more = {"--methods": "multipos,flqmi", "--budgets": "50%", "--seeds": "0", "--claim-seeds": "0,1",
+            "--grid": json.dumps({m: {"lr": [1e-3], "steps": [2], "tau": [0.05, 0.2]} for m in ("flqmi", "multipos")})}
+    args = argv(tiny, out, "--claim-budgets", "50%")
+    for flag, value in more.items():  # override argv's values
+        args[args.index(flag) + 1] = value
+    sweep.main(args)
+    claim = [r for r in runs_in(out) if r["stage"] == "claim"]
+    # per config source (multipos's and flqmi's selection; one run set if they chose the same): 2 seeds x M 1, 5 x 2
+    assert len(claim) in (8, 16) and {r["config"]["M"] for r in claim} == {1, 5}
+    for r in claim:  # both losses at the same lr, steps and fixed tau
+        twin = [q for q in claim if q["method"] != r["method"] and q["seed"] == r["seed"]
+                and sweep.shared(q["config"]) == sweep.shared(r["config"]) and q["config"]["M"] == r["config"]["M"]]
+        assert len(twin) == 1 and r["config"]["learn_tau"] is False
+    assert "### SMA's claim" in Path(f"{out}.md").read_text()

@@ -45,7 +45,8 @@ def main():
              f"{E} training entities of sweep.py's split; validation: {len(va)} entities (retrieval), "
              f"{len(val['val_zeroshot']['image'])} images in the 29 zero-shot classes. One seed: a 1-image change "
              "is 1.25 points of validation acc1.", "",
-             "| loss | lr | tau | learned? | tau after 150 steps | val zero-shot acc1 | val R@1 |", "|---|---|---|---|---|---|---|"]
+             "| loss | lr | tau | learned? | tau after 150 steps | val zero-shot acc1 | val R@1 |",
+             "|---|---|---|---|---|---|---|"]
     for loss in ("infonce", "flqmi"):
         for lr in (1e-3, 3e-3):
             for tau, learn in ((0.07, True), (0.03, False), (0.07, False), (0.15, False)):
