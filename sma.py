@@ -16,7 +16,7 @@ Commands:
 Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, reused by later runs),
   <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
   <out>/aligner.pt (the export evaluate.py loads; format in README.md), <out>/eval.json (with --eval).
-Measured on: 2 CPU cores, torch 2.15, no GPU (bench/sma_step_cpu.md, bench/sma_emoji_results.md). GPU: not yet.
+Measured on: 2 CPU cores, torch 2.15, no GPU (bench/sma_step_cpu.md, bench/sweep_emoji.md). GPU: not yet.
 """
 import hashlib
 import json
@@ -68,6 +68,9 @@ class Args:
                     choices=LOSSES)
     eta: float = arg(1.0, "eta: weight inside the SMI score (FLQMI's second term, FLVMI's query weight, ...)", gt=0)
     lambda_div: float = arg(0.0, "weight of the divergence term (submodular variation of information)", ge=0)
+    tau: float = arg(0.0, "initial temperature tau = 1 / logit scale (0: CLIP's 0.07; SigLIP: 0.05, i.e. scale 20)",
+                     ge=0)
+    fixed_tau: bool = arg(False, "keep tau at its initial value instead of learning it (README, 'Temperature')")
     dim: int = arg(1024, "d: output dimension of the heads", ge=1)
     hidden: int = arg(1024, "hidden width of the heads' MLP", ge=1)
     # not specified in the paper; we use the optimisation defaults of docs/SMA.md
@@ -249,8 +252,9 @@ class Heads(nn.Module):
         # not specified in the paper; we use a 2-layer MLP head per modality (docs/SMA.md defaults)
         self.image_head = make_head("mlp", di, args.dim, args.hidden, n_layers=2)
         self.text_head = make_head("mlp", dt, args.dim, args.hidden, n_layers=2)
-        # not specified in the paper; we use CLIP's 1/tau = 1/0.07 (Radford et al. 2021); SigLIP: 20, bias -10 (SAIL)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(20.0 if args.loss == "siglip" else 1 / 0.07)))
+        # not specified in the paper; we use CLIP's tau = 0.07 (Radford et al. 2021); SigLIP: 1/20, bias -10 (SAIL)
+        tau = args.tau or (1 / 20 if args.loss == "siglip" else 0.07)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=not args.fixed_tau)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if args.loss == "siglip" else None
 
     def forward(self, xi, xt):
@@ -290,10 +294,10 @@ def contrastive(logits):
 def flqmi(zi, zt, mask, scale, eta=1.0):
     """SMA's default: set-level contrastive loss over FLQMI scores (docs/SMA.md, section 4).
 
-    l[k, l] = (1/M_l) sum_{t in T_l} smax_{a in A_k} s(a, t) + eta (1/K) sum_{a in A_k} smax_{t in T_l} s(a, t)
-    L = contrastive(l)                                                          (shapes: see "Shared symbols")
+    l[k, l] = [(1/M_l) sum_{t in T_l} smax_{a in A_k} s(a, t) + eta (1/K) sum_{a in A_k} smax_{t in T_l} s(a, t)]
+              / (1 + eta),   L = contrastive(l)                                 (shapes: see "Shared symbols")
     FLQMI (PRISM): I(A; Q) = sum_{i in Q} max_{j in A} s_ij + eta sum_{i in A} max_{j in Q} s_ij: each caption
-    is covered by its best view and each view by its best caption. With K = M = 1, l = (1 + eta) s: InfoNCE.
+    is covered by its best view and each view by its best caption. With K = M = 1, l = s: InfoNCE at the same tau.
     """
     N, K, d = zi.shape
     M = zt.shape[1]
@@ -302,7 +306,8 @@ def flqmi(zi, zt, mask, scale, eta=1.0):
     # not specified in the paper; we use means over the sets (1/M_l, 1/K) so set sizes do not weigh entities
     text_term = (smax(S, dim=1) * mask).sum(-1) / mask.sum(-1)  # (N, N): mean_t smax_a; padded t weigh 0
     image_term = smax(S, mask[None, None].expand_as(S), dim=3).mean(1)  # (N, N): mean_a smax over the real t
-    return contrastive(text_term + eta * image_term)
+    # not specified in the paper; we divide by 1 + eta so that K = M = 1 is InfoNCE at the same tau (README)
+    return contrastive((text_term + eta * image_term) / (1 + eta))
 
 
 def cover(zi, zt, mask, scale):
@@ -325,7 +330,7 @@ def flvmi(zi, zt, mask, scale, eta=1.0):
     l[k, l] = (1/|V|) sum_{i in V} smin( smax_{j in A_k} s_ij, eta smax_{j in T_l} s_ij ),  L = contrastive(l)
     V: every view and real caption of the batch; s_ij = scale <z_i, z_j> within and across modalities;
     smin(x, y) = -smax(-x, -y) = log 2 - log(e^-x + e^-y). FLVMI (PRISM): I(A; Q) = sum_{i in V} min(max_{j in A}
-    s_ij, eta max_{j in Q} s_ij). Memory O(|V| N^2): an ablation for batches of a few hundred entities.
+    s_ij, eta max_{j in Q} s_ij). O(|V| N^2) memory: an ablation. K = M = 1: not InfoNCE (a smooth min over all V).
     """
     mA, mT, v = cover(zi, zt, mask, scale)  # (V, N), (V, N), (V,)
     # not specified in the paper; we use the mean over V (not the sum) and the smooth min matching smax
@@ -337,7 +342,7 @@ def gcmi(zi, zt, mask, scale, eta=1.0):
     """Set-level contrastive loss over graph-cut MI (PRISM): I(A; Q) = 2 lambda sum_{i in A} sum_{j in Q} s_ij.
 
     l[k, l] = eta (1/(K M_l)) sum_{a in A_k} sum_{t in T_l} s(a, t) = eta s(mean_a zi[k, a], mean_t zt[l, t]),
-    L = contrastive(l). Modular in each set (no diminishing returns): the ablation SMI losses are compared with.
+    L = contrastive(l). Modular (no diminishing returns): an ablation. K = M = 1: InfoNCE at tau / eta (eta = 1: tau).
     """
     # not specified in the paper; we use lambda = eta / 2 and means instead of sums
     ui = zi.mean(1)  # (N, d)
@@ -350,8 +355,8 @@ def logdetmi(zi, zt, mask, scale, eta=1.0, ridge=0.1):
 
     l[k, l] = scale [ log det S_A - log det(S_A - eta^2 S_AQ S_Q^-1 S_AQ^T) ],  A = A_k, Q = T_l,  L = contrastive(l)
     S_A = Z_A Z_A^T + ridge I (K x K), S_Q = Z_Q Z_Q^T + ridge I (M_l x M_l), S_AQ = Z_A Z_Q^T: cosine kernels.
-    Padded captions enter S_Q as identity rows/columns with zero cross terms, which leaves the value unchanged.
-    eta <= 1 keeps the Schur complement positive definite (ridge > 0).
+    Padded captions enter S_Q as identity rows/columns with zero cross terms (value unchanged). eta <= 1 keeps the
+    Schur complement PD (ridge r > 0). K = M = 1: l = -scale log(1 - (eta <a, t> / (1 + r))^2): not InfoNCE.
     """
     N, K, d = zi.shape
     M = zt.shape[1]

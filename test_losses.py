@@ -1,6 +1,6 @@
 """SMA's losses against brute-force float64 implementations written straight from their set definitions (loops over
 entities, sets and members; FLVMI's ground set enumerated), values and gradients, plus the invariants the
-definitions promise: smooth max -> max, order within a set, padding, K = M = 1 is InfoNCE."""
+definitions promise: smooth max -> max, order within a set, padding, K = M = 1 is InfoNCE at the same tau."""
 import math
 
 import pytest
@@ -58,8 +58,8 @@ def contrastive(L):  # L[k][l]: list of lists of 0-dim tensors
 def bf_flqmi(zi, zt, mask, scale, eta=1.0):
     A, T = sets(zi, zt, mask)
     s = lambda x, y: scale * torch.dot(x, y)  # noqa: E731
-    L = [[mean(smax(s(a, t) for a in A[k]) for t in T[l]) + eta * mean(smax(s(a, t) for t in T[l]) for a in A[k])
-          for l in range(len(T))] for k in range(len(A))]
+    L = [[(mean(smax(s(a, t) for a in A[k]) for t in T[l]) + eta * mean(smax(s(a, t) for t in T[l]) for a in A[k]))
+          / (1 + eta) for l in range(len(T))] for k in range(len(A))]
     return contrastive(L)
 
 
@@ -208,13 +208,21 @@ def test_padding_changes_nothing_when_sets_are_full(name):
     assert torch.count_nonzero(grads(value, [junk])[0]) == 0  # padding gets no gradient
 
 
-def test_one_view_one_caption_reduces_to_infonce():
+def test_one_view_one_caption_reduces_to_infonce_at_the_same_tau():
+    """K = M = 1: flqmi (any eta: l = (s + eta s) / (1 + eta)), multipos and gcmi (eta = 1) are InfoNCE at the same
+    1/tau, values and gradients; logdetmi is the non-linear -scale log(1 - (eta c / (1 + ridge))^2) of its docstring."""
     zi, zt, mask, scale = batch(N=5, K=1, M=1, lengths=(1,) * 5)
     x, y = zi[:, 0], zt[:, 0]
-    for eta in (1.0, 0.3):  # l[k, l] = s + eta s: InfoNCE at scale (1 + eta) / tau
-        assert torch.allclose(sma.flqmi(zi, zt, mask, scale, eta)[0], sma.infonce(x, y, (1 + eta) * scale)[0])
-    assert torch.allclose(sma.multipos(zi, zt, mask, scale)[0], sma.infonce(x, y, scale)[0])
-    assert torch.allclose(sma.gcmi(zi, zt, mask, scale, 1.0)[0], sma.infonce(x, y, scale)[0])
+    ref = sma.infonce(x, y, scale)[0]
+    g_ref = grads(ref, [zi, zt, scale])
+    for loss in [sma.flqmi(zi, zt, mask, scale, eta)[0] for eta in (1.0, 0.3, 2.0)] + \
+            [sma.multipos(zi, zt, mask, scale)[0], sma.gcmi(zi, zt, mask, scale, 1.0)[0]]:
+        assert torch.allclose(loss, ref, rtol=1e-12, atol=1e-12)
+        for g, h in zip(grads(loss, [zi, zt, scale]), g_ref):
+            assert torch.allclose(g, h, rtol=1e-10, atol=1e-12)
+    eta, c = 0.5, x @ y.T  # (N, N) cosines
+    closed = sma.contrastive(-scale * torch.log(1 - (eta * c / 1.1) ** 2))[0]
+    assert torch.allclose(sma.logdetmi(zi, zt, mask, scale, eta)[0], closed)
 
 
 def test_flqmi_is_finite_and_prefers_aligned_sets_in_float32():

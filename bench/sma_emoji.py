@@ -1,6 +1,7 @@
 """Emoji-set comparison (not a test): flqmi vs infonce vs multipos with the same heads, epochs and seeds, on the
 shipped examples/emoji split with the offline encoders (EfficientNet-Lite0 + MiniLM). Emoji-set results, not paper
-numbers. The feature cache is shared, so each run is head training plus evaluation.
+numbers. The feature cache is shared, so each run is head training plus evaluation. Superseded by sweep.py (its
+results used FLQMI's old logit scale and one untuned setting for every loss).
 
   python bench/sma_emoji.py --out bench/sma_emoji_results.md [--cache-dir .cache] [--seeds 0 1 2]
 """

@@ -2,8 +2,9 @@
 
 Renders each single-code-point emoji of Noto Color Emoji as a small PNG on white with captions
 from its Unicode name and the CLDR English annotations, and writes train / held-out (retrieval)
-pairs, a zero-shot split (emoji-test.txt subgroups), SOTAlign semi-supervised inputs and the
-licences; examples/emoji/README.md quotes the counts it prints. Same bytes on every run.
+pairs, a zero-shot split (emoji-test.txt subgroups; subgroups.csv: those of the train entities),
+SOTAlign semi-supervised inputs and the licences; examples/emoji/README.md quotes the counts it
+prints. Same bytes on every run.
 
     python examples/make_emoji.py [--out DIR]      # default: examples/emoji
 
@@ -217,6 +218,9 @@ def main():
             shutil.copyfile(out / e["image"], out / "zeroshot" / folder / f"{e['hex']}.png")
     write_lines(out / "zeroshot" / "classnames.txt", [CLASSNAMES[s] for _, s in classes])
     write_lines(out / "zeroshot" / "templates.txt", TEMPLATES)
+    # The subgroup of each train entity, spelled as the zeroshot/ folders: sweep.py's validation zero-shot task.
+    write_csv(out / "subgroups.csv", [["image", "subgroup"]] + [[e["image"], re.sub(r"[^a-z0-9]+", "-", e["subgroup"])]
+                                                              for e in train if e["subgroup"]])
     zs_sizes = [len(by_sub[s]) for _, s in classes]
 
     # SOTAlign: a few true pairs; the images and the captions of two disjoint halves.

@@ -1,0 +1,719 @@
+"""The papers' experiment in one command: every method at every paired-data budget and seed, each fairly selected on a
+validation split, scored on the held-out tasks with evaluate.py's metrics; a JSON line per run, a Markdown table of
+mean +- std over seeds, a plot of score against the number of pairs, paired bootstrap intervals.
+
+Both papers claim that with little paired data their method beats the baselines (SMA, arXiv 2605.12872; SOTAlign,
+arXiv 2602.23353). This drives sma.py and sotalign.py in-process on one feature cache:
+
+  python sweep.py --data examples/emoji/train.csv --heldout emoji --val-classes examples/emoji/subgroups.csv \
+      --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 \
+      --budgets 5%,10%,25%,50%,100% --seeds 0,1,2 --claim-budgets 5%,25%,100% --threads 1 \
+      --methods multipos,flqmi,infonce,siglip,teacher,siglip-pairs,sotalign --out bench/sweep_emoji
+  (about 30 min on 2 CPU cores shared with other jobs, extraction included: bench/sweep_emoji.md has the split)
+  (the same command again continues a cut sweep: finished runs are read back from <out>.jsonl, never redone)
+
+Writes <out>.jsonl (one row per finished run, appended and fsynced), <out>.md (tables), <out>.png (plots). A method
+is one entry of METHODS (how it trains + its grid); every method is scored by the same code (evaluate.py's metrics).
+Runs call sma.train / sotalign.train directly and score their heads in memory (no aligner.pt is written).
+
+Protocol (every choice here is ours, not the papers'):
+- Features: sma.features once per (data, encoder pair, K views): every entity's K views (view 0 = the encoder's clean
+  eval transform) and all its captions. SMA methods train on all K views; the SOTAlign methods (teacher, siglip-pairs,
+  sotalign) see view 0 only, which is what sotalign.py itself extracts. Held-out tasks: evaluate.py's readers,
+  encoders and cache (<cache-dir>/eval), so the raw features are shared with `python evaluate.py`.
+- Validation: --val-pct % of the --data entities, chosen by sha1 of the image path (fixed, the same for every seed and
+  budget), never trained on. The held-out tasks are never used to choose anything.
+- Budgets: a budget is a number (`100`) or a percentage (`5%`) of the remaining training entities. The paired set of
+  a budget is a prefix of a permutation of the training entities drawn from the seed, so budgets are nested within a
+  seed. For sotalign the training entities outside the budget become its unpaired data, cut into two disjoint halves
+  (images of the first half, all captions of the second), so no image meets its own caption as "unpaired"; at 100%
+  there is none left and sotalign is not run (it would be siglip-pairs).
+- Selection: per method and budget, every config of the method's grid (METHODS) is trained on seed 0's paired set and
+  scored on the validation split with two signals of the kind of the reported metrics: zero-shot acc1 on the
+  validation entities whose class (--val-classes: image,class with the class folders of the held-out zero-shot task,
+  whose class names and templates are used) is one of the held-out task's classes, and validation retrieval R@1
+  ((i2t + t2i) / 2). Each signal picks its own config (ties: the first in grid order); the chosen configs are rerun
+  on every seed. Held-out zero-shot acc1 is reported from the zero-shot-selected runs, retrieval R@1 and the modality
+  gap (held-out retrieval pairs) from the R@1-selected runs. Selecting on seed 0 only and reusing it for all seeds
+  saves CPU time; the chosen configs are in <out>.jsonl and <out>.md.
+- Temperature: for flqmi / infonce / multipos tau is fixed (sma.py --fixed-tau) and selected from the grid: learned
+  at the heads' lr it moves by < 15% in 150 steps (bench/sweep_tau_emoji.md), so its initial value is what matters.
+  SigLIP's scale and bias stay learned (the grid sets the initial scale of sma.py's siglip; sotalign.py's has no
+  flag and starts at 10, bias -10, as the SigLIP paper).
+- Heads and steps: d = 128 (--dim), SMA hidden 256 (--hidden), batch 128 entities (--batch-size; the unpaired
+  batch too), sotalign's heads 1 layer (the authors'); steps are set by the grid and are the same at every budget
+  (SMA's epochs are derived from them).
+- Uncertainty: mean +- std over seeds per cell; for the headline comparisons (COMPARE) a paired bootstrap over the
+  held-out items (the same images / entities scored by both methods, per-item hits averaged over the seeds both
+  ran), 2,000 resamples, 95% percentile interval of the difference.
+- SMA's claim: FLQMI against multi-positive InfoNCE at a matched config (same lr, steps, fixed tau, views, heads)
+  with M = 1 and M = 5 captions per step, --claim-seeds seeds, at each --claim-budgets budget, once at multipos's
+  and once at flqmi's zero-shot-selected config (so neither method runs only at the other's optimum).
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import evaluate
+import sma
+import sotalign
+
+class UserError(ValueError):
+    """A bad command line or input: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- methods
+# A method is one entry: how it trains (a function of the paired / unpaired features, its config and the seed that
+# returns (image head, text head)) and the grid its config is selected from. Grids are small so that 7 methods x 5
+# budgets fit ~30 min on 2 busy CPU cores (README, "Results").
+
+
+def train_sma(cfg, data, seed, common):
+    """sma.train on the paired entities: data["sma"] = {"image": (E, K, Di), "text": (C, Dt), "counts": (E,)}."""
+    E, B = len(data["sma"]["image"]), min(common["batch"], len(data["sma"]["image"]))
+    epochs = math.ceil(cfg["steps"] / max(E // B, 1))  # steps are what the grid sets, whatever the budget
+    args = sma.Args(data="-", image_encoder=common["image_encoder"], text_encoder=common["text_encoder"],
+                    views=common["views"], captions=cfg.get("M", common["captions"]), loss=cfg["loss"],
+                    eta=cfg.get("eta", 1.0), tau=cfg.get("tau", 0.0), fixed_tau=not cfg.get("learn_tau", True),
+                    dim=common["dim"], hidden=common["hidden"], epochs=epochs, batch_size=B, lr=cfg["lr"], seed=seed,
+                    out=common["tmp"], device="cpu", log_every=10 ** 9, ckpt_every=10 ** 9)
+    model, metrics = sma.train(args, data["sma"], 0, 1, "cpu", log=lambda *a: None)
+    return model.image_head, model.text_head, metrics["step"]
+
+
+def teacher_heads(P, kind="cca", reg=0.1):
+    """SOTAlign's stage 1 as in sotalign.main: a closed-form fit on every (image, caption) row -> two AffineHeads."""
+    T = sotalign.TEACHER_FITS[kind](P["image"].repeat_interleave(P["counts"], 0), P["text"], reg)
+    heads = (sotalign.AffineHead(*T["W_x"].shape), sotalign.AffineHead(*T["W_y"].shape))
+    for h, side in zip(heads, "xy"):
+        h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
+    return heads
+
+
+def train_teacher(cfg, data, seed, common):
+    return (*teacher_heads(data["pairs"], "cca", cfg["reg"]), 0)
+
+
+def train_sotalign(cfg, data, seed, common):
+    """sotalign.train: SigLIP on the pairs (+ lambda KLOT on the unpaired halves when cfg["unpaired"])."""
+    P = data["pairs"]
+    UI, UT = (data["unpaired_images"], data["unpaired_texts"]) if cfg.get("unpaired") else (None, None)
+    args = sotalign.Args(pairs="-", image_encoder=common["image_encoder"], text_encoder=common["text_encoder"],
+                         lambda_ot=cfg.get("lambda_ot", 1.0), eps=cfg.get("eps", 0.05), dim=common["dim"],
+                         head_layers=1, paired_batch=common["batch"], unpaired_batch=common["batch"],
+                         steps=cfg["steps"], lr=cfg["lr"], seed=seed, out=common["tmp"], device="cpu", compile=False,
+                         log_every=10 ** 9, ckpt_every=10 ** 9)
+    teacher = teacher_heads(P, "cca", args.teacher_reg) if UI is not None else None
+    model, metrics = sotalign.train(args, P, UI, UT, teacher, 0, 1, "cpu", log=lambda *a: None)
+    return model.image_head, model.text_head, metrics["step"]
+
+
+@dataclass
+class Method:
+    train: callable
+    fixed: dict  # config entries that define the method
+    grid: dict  # name -> values; the product is searched
+    needs_unpaired: bool = False
+    label: str = ""
+
+
+# not specified in the papers; we use these grids (kept small for the CPU; lr, steps and the temperature for every
+# trained method, eta / lambda where the method has them)
+SMA_GRID = {"lr": [1e-3, 3e-3], "steps": [50, 150], "tau": [0.05, 0.1, 0.2]}
+METHODS = {
+    "flqmi": Method(train_sma, {"loss": "flqmi", "learn_tau": False}, {**SMA_GRID, "eta": [1.0]}, label="SMA FLQMI"),
+    "flvmi": Method(train_sma, {"loss": "flvmi", "learn_tau": False}, SMA_GRID, label="SMA FLVMI"),
+    "infonce": Method(train_sma, {"loss": "infonce", "learn_tau": False}, SMA_GRID, label="InfoNCE"),
+    "multipos": Method(train_sma, {"loss": "multipos", "learn_tau": False}, SMA_GRID, label="multi-positive InfoNCE"),
+    "siglip": Method(train_sma, {"loss": "siglip"}, {"lr": [1e-3, 3e-3], "steps": [50, 150], "tau": [0.05, 0.1]},
+                     label="SigLIP (SMA heads)"),  # tau: the initial 1/scale; scale and bias stay learned
+    "teacher": Method(train_teacher, {}, {"reg": [0.01, 0.1, 1.0]}, label="SOTAlign teacher (CCA)"),
+    "siglip-pairs": Method(train_sotalign, {}, {"lr": [1e-3, 3e-3], "steps": [100, 300]}, label="SigLIP on pairs"),
+    "sotalign": Method(train_sotalign, {"unpaired": True}, {"lr": [1e-3, 3e-3], "steps": [100, 300],
+                                                             "lambda_ot": [1.0, 10.0]}, needs_unpaired=True,
+                       label="SOTAlign (KLOT)"),
+}
+# the headline comparisons that get a paired bootstrap interval: (method, baseline)
+COMPARE = [("flqmi", "multipos"), ("flqmi", "infonce"), ("sotalign", "siglip-pairs"), ("sotalign", "teacher")]
+HEADLINE = [("zs_acc1", "zero-shot acc1 (held-out)"), ("R@1", "retrieval R@1 (held-out)"),
+            ("gap", "modality gap (held-out retrieval)")]
+
+
+def configs(method: Method):
+    keys = list(method.grid)
+    return [{**method.fixed, **dict(zip(keys, values))} for values in itertools.product(*method.grid.values())]
+
+
+# ---------------------------------------------------------------------------- data
+def parse_budgets(spec, n):
+    """'5%,10%,100' -> [(label, count)], counts clipped to [2, n] (a contrastive batch needs 2)."""
+    out = []
+    for b in (s.strip() for s in spec.split(",") if s.strip()):
+        k = round(float(b[:-1]) / 100 * n) if b.endswith("%") else int(b)
+        out.append((b, max(2, min(n, k))))
+    return out
+
+
+def subset(F_, ents):
+    """Features of the entities `ents` (list of ids): {"image": (e, K, Di), "text": (c, Dt), "counts": (e,)}."""
+    first = F_["counts"].cumsum(0) - F_["counts"]
+    caps = torch.cat([torch.arange(first[e], first[e] + F_["counts"][e]) for e in ents])
+    return {"image": F_["image"][ents], "text": F_["text"][caps], "counts": F_["counts"][ents]}
+
+
+def run_data(F_, train_ids, n_paired, seed, needs_unpaired):
+    """The paired set of a budget (a seed-fixed prefix: nested budgets) and, for sotalign, the unpaired halves."""
+    order = [train_ids[i] for i in torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(seed))]
+    paired = subset(F_, order[:n_paired])
+    data = {"sma": paired, "pairs": {**paired, "image": paired["image"][:, 0]}, "n_pairs": int(paired["counts"].sum())}
+    if needs_unpaired:
+        rest = order[n_paired:]
+        half = len(rest) // 2  # two disjoint halves: images of one, captions of the other
+        data["unpaired_images"] = F_["image"][rest[:half], 0]
+        data["unpaired_texts"] = subset(F_, rest[half:])["text"]
+    return data
+
+
+def val_split(pairs, pct):
+    """Entity ids of (train, validation): an entity is validation when sha1(image path) % 100 < pct."""
+    val = [i for i, p in enumerate(pairs.images)
+           if int(hashlib.sha1(Path(p).name.encode()).hexdigest(), 16) % 100 < pct]
+    vs = set(val)
+    return [i for i in range(len(pairs.images)) if i not in vs], val
+
+
+# ---------------------------------------------------------------------------- scoring
+def hits_retrieval(zi, zt, text_image):
+    """Per-item R@1 hits: i2t (I,) and t2i (T,) bools (evaluate.py's ranks, its tie rule)."""
+    images = torch.arange(len(zi))
+    return (evaluate.query_ranks(zi, zt, images, text_image) == 0,
+            evaluate.query_ranks(zt, zi, text_image, images) == 0)
+
+
+def score(heads, task, with_hits=False):
+    """Scores of (image head, text head) on one task's cached raw features (`load_tasks`)."""
+    heads = [h.eval() for h in heads]
+    with torch.no_grad():
+        zi, zt = (F.normalize(h(x.float()), dim=-1) for h, x in zip(heads, (task["image"], task["text"])))
+    out, hits = {}, {}
+    if task["kind"] == "zeroshot":
+        W = evaluate.zeroshot_classifier(zt.view(task["n_classes"], -1, zt.shape[-1]))  # (C, d)
+        m = evaluate.classification_metrics(zi, W, task["labels"])
+        gap = evaluate.modality_gap(zi, W, torch.arange(len(zi)), task["labels"])
+        out = {"zs_acc1": m["acc1"], "zs_acc5": m["acc5"], "zs_gap": gap["modality_gap"]}
+        hits["zs"] = evaluate.query_ranks(zi, W, task["labels"], torch.arange(len(W))) == 0
+    else:
+        m = evaluate.retrieval_metrics(zi, zt, task["text_image"])
+        gap = evaluate.modality_gap(zi, zt, task["text_image"], torch.arange(len(zt)))
+        out = {"R@1": (m["i2t_R@1"] + m["t2i_R@1"]) / 2, "i2t_R@1": m["i2t_R@1"], "t2i_R@1": m["t2i_R@1"],
+               "gap": gap["modality_gap"], "matched_cosine": gap["matched_cosine"]}
+        hits["i2t"], hits["t2i"] = hits_retrieval(zi, zt, task["text_image"])
+    if with_hits:
+        out["hits"] = {k: "".join("1" if b else "0" for b in v.tolist()) for k, v in hits.items()}
+    return out
+
+
+def score_all(heads, tasks, with_hits=False):
+    out = {}
+    for t in tasks.values():
+        r = score(heads, t, with_hits)
+        out["hits"] = {**out.get("hits", {}), **r.pop("hits", {})}
+        out.update(r)
+    if not out["hits"]:
+        out.pop("hits")
+    return out
+
+
+def load_tasks(spec, common, cache_dir):
+    """Held-out tasks through evaluate.py's readers and feature cache -> {name: task dict of raw features}."""
+    eargs = evaluate.Args(aligner="-", tasks=spec, cache_dir=cache_dir, device="cpu", workers=0)
+    model = evaluate.Model("sweep", {"image": common["image_encoder"], "text": common["text_encoder"]},
+                           {}, "cpu")
+    tasks = {}
+    for name, task in evaluate.resolve_tasks(spec).items():
+        data, skipped = evaluate.read_task(name, task, eargs)
+        if skipped:
+            raise UserError(f"--heldout: {skipped}")
+        cache = Path(cache_dir) / "eval"
+        root = str(evaluate.task_root(name, task, eargs).resolve())
+        key = evaluate.fingerprint([name, root, task.split, len(data.images), common["image_encoder"]], data.files)
+        raw = evaluate.cached(cache / f"{evaluate.slug(name)}-image-{key}.pt",  # the key evaluate_task uses
+                              lambda: evaluate.encode_images(model.encoder("image"), data.images, eargs,
+                                                             f"{name} images"))
+        if task.kind == evaluate.CLS:
+            texts = [evaluate.fill(t, c) for c in data.classnames for t in data.templates]
+        else:
+            texts = [c for caps in data.captions for c in caps]
+        key = evaluate.fingerprint([texts, common["text_encoder"]])
+        text = evaluate.cached(cache / f"text-{key}.pt", lambda: evaluate.encode_texts(model.encoder("text"), texts,
+                                                                                      eargs, f"{name} texts"))
+        t = {"image": raw["features"], "text": text, "root": root}
+        if task.kind == evaluate.CLS:
+            t.update(kind="zeroshot", labels=raw["labels"], n_classes=len(data.classnames),
+                     classes=list(data.images.classes), classnames=data.classnames, templates=data.templates)
+        else:
+            t.update(kind="retrieval", text_image=torch.tensor([i for i, c in enumerate(data.captions) for _ in c]))
+        tasks[name] = t
+    model.encoders.clear()
+    return tasks
+
+
+def val_tasks(pairs, F_, val_ids, classes_csv, heldout, common, cache_dir):
+    """Validation tasks on the validation entities: retrieval (view 0 + all captions) and, with --val-classes,
+    zero-shot over the held-out zero-shot task's classes, names and templates."""
+    V = subset(F_, val_ids)
+    tasks = {"val_retrieval": {"kind": "retrieval", "image": V["image"][:, 0], "text": V["text"],
+                               "text_image": torch.repeat_interleave(torch.arange(len(val_ids)), V["counts"])}}
+    zs = [t for t in heldout.values() if t["kind"] == "zeroshot"]
+    if classes_csv and zs:
+        import csv
+        z = zs[0]
+        base = Path(classes_csv).resolve().parent
+        with open(classes_csv, encoding="utf-8") as f:
+            cls = {str((base / r["image"]).resolve()): r[next(k for k in r if k != "image")] for r in csv.DictReader(f)}
+        keep = [(j, z["classes"].index(cls[pairs.images[i]])) for j, i in enumerate(val_ids)
+                if cls.get(pairs.images[i]) in z["classes"]]
+        if len(keep) < 2:
+            raise UserError(f"--val-classes {classes_csv}: {len(keep)} validation entities have a class of the "
+                             f"held-out zero-shot task; need >= 2")
+        tasks["val_zeroshot"] = {"kind": "zeroshot", "image": V["image"][[j for j, _ in keep], 0],
+                                 "labels": torch.tensor([c for _, c in keep]), "text": z["text"],
+                                 "n_classes": z["n_classes"]}
+    return tasks
+
+
+# ---------------------------------------------------------------------------- results file
+class Results:
+    """<out>.jsonl: one JSON row per finished run, appended, flushed and fsynced; a cut sweep re-reads it and skips
+    the runs it holds (a torn last line from kill -9 is dropped)."""
+
+    def __init__(self, path):
+        self.path, self.rows = Path(path), []
+        if self.path.is_file():
+            text = self.path.read_text(encoding="utf-8")
+            keep = text[:text.rfind("\n") + 1]  # a line without its newline was cut mid-write
+            if keep != text:
+                self.path.write_text(keep, encoding="utf-8")
+            self.rows = [json.loads(line) for line in keep.splitlines() if line.strip()]
+        self.done = {r["key"]: r for r in self.rows}
+
+    @staticmethod
+    def key(*parts):
+        return json.dumps(parts, sort_keys=True)
+
+    def add(self, row):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+        self.done[row["key"]] = row
+
+
+# ---------------------------------------------------------------------------- the sweep
+def plan(a, budgets, seeds, methods):
+    """Every run, in order: (stage, method, (label, n), seed, config or None = chosen later); the claim cell comes
+    as soon as flqmi and multipos are done."""
+    claim = "flqmi" in methods and "multipos" in methods and a.claim_seeds
+    for i, name in enumerate(methods):
+        m = METHODS[name]
+        for b in budgets:
+            if m.needs_unpaired and b[1] >= a.n_train:
+                continue
+            for cfg in configs(m):
+                yield "select", name, b, 0, cfg
+            for s in seeds:
+                yield "run", name, b, s, None
+        if not claim or not {"flqmi", "multipos"} <= set(methods[:i + 1]):
+            continue
+        claim = False
+        for b in parse_budgets(a.claim_budgets, a.n_train):
+            for src in ("multipos", "flqmi"):
+                for s in a.claim_seeds:
+                    for M in (1, 5):
+                        for loss in ("flqmi", "multipos"):
+                            yield "claim", loss, b, s, {"M": M, "from": src}
+
+
+def choose(results, name, budget):
+    """The configs the validation signals pick for (method, budget): {"zeroshot": cfg, "retrieval": cfg}."""
+    rows = [r for r in results.rows if r["stage"] == "select" and r["method"] == name and r["budget"] == budget]
+    best = {}
+    for signal, metric in (("zeroshot", "zs_acc1"), ("retrieval", "R@1")):
+        scored = [r for r in rows if metric in r["val"]] or [r for r in rows]
+        metric = metric if metric in scored[0]["val"] else "R@1"  # no validation zero-shot task: R@1
+        best[signal] = max(scored, key=lambda r: r["val"][metric])["config"]  # max keeps the first of ties
+    return best
+
+
+def sweep(a):
+    t_start = time.time()
+    common = {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder, "views": a.views,
+              "captions": a.captions, "dim": a.dim, "hidden": a.hidden, "batch": a.batch_size}
+    t0 = time.time()
+    pairs = sma.read_pairs(a.data)
+    sargs = sma.Args(data=a.data, image_encoder=a.image_encoder, text_encoder=a.text_encoder, views=a.views,
+                     cache_dir=a.cache_dir)
+    F_ = sma.features(pairs, sargs)
+    train_ids, val_ids = val_split(pairs, a.val_pct)
+    a.n_train = len(train_ids)
+    heldout = load_tasks(a.heldout, common, a.cache_dir)
+    val = val_tasks(pairs, F_, val_ids, a.val_classes, heldout, common, a.cache_dir)
+    t_extract = time.time() - t0
+    budgets = parse_budgets(a.budgets, len(train_ids))
+    if a.claim_seeds and not {b for b, _ in parse_budgets(a.claim_budgets, a.n_train)} <= {b for b, _ in budgets}:
+        raise UserError(f"--claim-budgets {a.claim_budgets} must be among --budgets {a.budgets}")
+    results = Results(f"{a.out}.jsonl")
+    todo = list(plan(a, budgets, a.seeds, a.methods))
+    print(f"{a.data}: {len(pairs.images)} entities = {len(train_ids)} train + {len(val_ids)} validation; budgets "
+          f"{budgets}; {len(todo)} planned runs, {len(results.rows)} rows already in {a.out}.jsonl; "
+          f"features {t_extract:.1f} s")
+    n_new = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        common["tmp"] = tmp
+        for stage, name, (label, n), seed, cfg in tqdm(todo, desc="runs", unit="run"):
+            m = METHODS[name]
+            chosen = None if stage != "run" else choose(results, name, label)
+            if stage == "run":
+                cfgs = {}  # one run per distinct chosen config
+                for signal, c in chosen.items():
+                    cfgs.setdefault(json.dumps(c, sort_keys=True), []).append(signal)
+                work = [(json.loads(c), signals) for c, signals in cfgs.items()]
+            elif stage == "claim":
+                base = choose(results, cfg["from"], label)["zeroshot"]
+                work = [({**json.loads(shared(base)), "loss": name, "learn_tau": False, "M": cfg["M"]}, ["claim"])]
+            else:
+                work = [(cfg, [])]
+            for c, signals in work:
+                key = Results.key(stage, name, label, seed, c)
+                if key in results.done:
+                    continue
+                if a.stop_after_runs and n_new >= a.stop_after_runs:
+                    session(results, t_start, t_extract, n_new)
+                    print(f"stopping after {n_new} new runs (--stop-after-runs); rerun the command to continue")
+                    return results
+                data = run_data(F_, train_ids, n, seed, m.needs_unpaired)
+                tick = time.time()
+                torch.manual_seed(seed)
+                hi, ht, steps = m.train(c, data, seed, common)
+                dt = time.time() - tick
+                row = {"key": key, "stage": stage, "method": name, "budget": label, "n_paired": n,
+                       "n_pairs": data["n_pairs"], "seed": seed, "config": c, "selected_for": signals,
+                       "steps": steps, "train_s": round(dt, 2)}
+                if stage == "select":
+                    row["val"] = score_all((hi, ht), val)
+                else:
+                    row["heldout"] = score_all((hi, ht), heldout, with_hits=True)
+                results.add({**row, **clock(t_start, t_extract)})
+                n_new += 1
+    session(results, t_start, t_extract, n_new)
+    report(a, results, budgets)
+    print(summary(a, results))
+    return results
+
+
+def clock(t_start, t_extract):
+    """Which invocation wrote a row and when: a sweep killed mid-way still accounts for its time."""
+    return {"invocation": round(t_start, 3), "t_s": round(time.time() - t_start, 1), "features_s": round(t_extract, 1)}
+
+
+def session(results, t_start, t_extract, n_new):
+    """A row at the end of an invocation (finished or --stop-after-runs): its wall time."""
+    results.add({"key": f"session {time.time()}", "stage": "session", "new_runs": n_new,
+                 **clock(t_start, t_extract)})
+
+
+def summary(a, results):
+    """One line: runs, and the wall time of all invocations (each: until its last row) split into features,
+    training and the rest."""
+    runs = [r for r in results.rows if r["stage"] != "session"]
+    last = {}
+    for r in results.rows:
+        if "invocation" in r:
+            last[r["invocation"]] = r  # rows are in time order
+    wall, feats = (sum(r[k] for r in last.values()) for k in ("t_s", "features_s"))
+    train = sum(r["train_s"] for r in runs)
+    n = len(last)
+    return (f"sweep | {len(runs)} runs in {a.out}.jsonl | wall {wall / 60:.1f} min over {n} invocation(s): "
+            f"features {feats / 60:.1f} min, training {train / 60:.1f} min, rest (scoring, selection, I/O) "
+            f"{(wall - feats - train) / 60:.1f} min")
+
+
+# ---------------------------------------------------------------------------- tables, intervals, plots
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
+
+
+def cells(results, stage="run"):
+    """{(method, budget): {metric: [value per seed]}} with each metric from the runs selected on its signal."""
+    out = {}
+    for r in results.rows:
+        if r["stage"] != stage:
+            continue
+        c = out.setdefault((r["method"], r["budget"]), {})
+        for metric, v in r["heldout"].items():
+            if metric == "hits":
+                continue
+            signal = "zeroshot" if metric.startswith("zs_") else "retrieval"
+            if signal in r["selected_for"]:
+                c.setdefault(metric, {})[r["seed"]] = v
+    return out
+
+
+def shared(config):
+    """The part of a claim run's config that both losses share (lr, steps, tau)."""
+    return json.dumps({k: v for k, v in config.items() if k not in ("loss", "M", "eta", "learn_tau")}, sort_keys=True)
+
+
+def item_hits(results, method, budget, seeds, signal, stage="run", M=None, matched=None):
+    """{seed: {"zs": tensor, "i2t": tensor, "t2i": tensor}} of the runs selected on `signal` (claim runs: with M
+    captions and the shared config `matched`)."""
+    out = {}
+    for r in results.rows:
+        if (r["stage"] == stage and r["method"] == method and r["budget"] == budget and r["seed"] in seeds
+                and (signal in r["selected_for"]) and (M is None or r["config"].get("M") == M)
+                and (matched is None or shared(r["config"]) == matched)):
+            out[r["seed"]] = {k: torch.tensor([c == "1" for c in v], dtype=torch.float64)
+                              for k, v in r["heldout"]["hits"].items()}
+    return out
+
+
+def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, matched=None, n_boot=2000, seed=0):
+    """Paired bootstrap over held-out items of mean(a) - mean(b), per-item hits averaged over the seeds both ran.
+    metric zs_acc1: items = zero-shot images; R@1: items = retrieval images with their captions
+    ((i2t + t2i) / 2 recomputed on each resample). -> (diff, lo, hi, n_items, n_seeds) or None."""
+    signal = "claim" if stage == "claim" else "zeroshot" if metric == "zs_acc1" else "retrieval"
+    ha, hb = (item_hits(results, m, budget, range(10 ** 6), signal, stage, M, matched) for m in (a, b))
+    seeds = sorted(set(ha) & set(hb))
+    if not seeds:
+        return None
+    avg = lambda h, k: torch.stack([h[s][k] for s in seeds]).mean(0)  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    if metric == "zs_acc1":
+        d = avg(ha, "zs") - avg(hb, "zs")  # (n,)
+        idx = torch.randint(len(d), (n_boot, len(d)), generator=g)
+        boots, diff, n = d[idx].mean(1), d.mean().item(), len(d)
+    else:
+        di, dt = avg(ha, "i2t") - avg(hb, "i2t"), avg(ha, "t2i") - avg(hb, "t2i")  # (I,), (T,)
+        n = len(di)
+        per_img = torch.zeros(n, dtype=torch.float64).index_add_(0, text_image, dt)  # t2i hit sums per image
+        count = torch.bincount(text_image, minlength=n).double()
+        idx = torch.randint(n, (n_boot, n), generator=g)
+        boots = di[idx].mean(1) / 2 + per_img[idx].sum(1) / count[idx].sum(1) / 2
+        diff = (di.mean() / 2 + dt.mean() / 2).item()
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return diff, lo, hi, n, len(seeds)
+
+
+def fmt(xs, pct=True):
+    if not xs:
+        return "–"
+    m, s = mean_std(list(xs.values()))
+    k = 100 if pct else 1
+    return f"{k * m:.1f} ± {k * s:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
+
+
+def report(a, results, budgets):
+    """<out>.md and <out>.png from the rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    C = cells(results)
+    methods = [m for m in a.methods if any(k[0] == m for k in C)]
+    text_image, chance = None, {}
+    if any(r["stage"] in ("run", "claim") for r in results.rows):  # the tasks' labels (cached; no encoder loads)
+        tasks = load_tasks(a.heldout, {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder},
+                           a.cache_dir)
+        for t in tasks.values():
+            if t["kind"] == "retrieval":
+                text_image, chance["R@1"] = t["text_image"], 1 / len(t["image"])  # a random ranking's R@1
+            else:  # the largest class, as the emoji README's chance level
+                chance["zs_acc1"] = torch.bincount(t["labels"]).max().item() / len(t["labels"])
+    device = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    L = [f"# Sweep: score against the number of paired entities ({Path(a.data).name}, {a.image_encoder} + "
+         f"{a.text_encoder})", "",
+         f"Command: `python {' '.join([Path(sys.argv[0]).name, *(x for x in sys.argv[1:] if x != '--report-only')])}`"
+         "  ",
+         f"Device: {device}, torch {torch.__version__}; seeds {a.seeds}; held-out tasks `{a.heldout}`; validation "
+         f"{a.val_pct}% of the entities (sha1 of the image path)"
+         f"{', zero-shot classes from ' + a.val_classes if a.val_classes else ''}.  ",
+         f"{summary(a, results)}", "",
+         "Protocol: sweep.py's docstring (selection per method and budget on seed 0's validation scores, zero-shot "
+         "acc1 from the runs selected on validation zero-shot acc1, R@1 and the gap from those selected on "
+         "validation R@1). Cells: mean ± std over seeds, % (gap: L2 distance of the modality means). Chance: "
+         + ", ".join(f"{k} {100 * v:.2f}%" for k, v in chance.items()) + ".", ""]
+    for metric, title in [("zs_acc1", "held-out zero-shot acc1 (%)"),
+                          ("R@1", "held-out retrieval R@1, (i2t + t2i) / 2 (%)"),
+                          ("i2t_R@1", "held-out i2t R@1 (%)"), ("t2i_R@1", "held-out t2i R@1 (%)"),
+                          ("gap", "modality gap, held-out retrieval pairs")]:
+        L += [f"### {title}", "", "| method | " + " | ".join(f"{b} ({n})" for b, n in budgets) + " |",
+              "|---|" + "---|" * len(budgets)]
+        for m in methods:
+            L.append(f"| {m} | " + " | ".join(fmt(C.get((m, b), {}).get(metric, {}), metric != "gap")
+                                              for b, _ in budgets) + " |")
+        L.append("")
+    L += ["### Paired bootstrap, 95% intervals of the difference (points of %), held-out items", "",
+          "Each method's per-item hits are averaged over the seeds, then the held-out items are resampled (2,000 "
+          "times). The interval covers the sampling of test items only. It does not cover the noise of the selection "
+          "(one seed, a small validation split): where two methods were given different configs, part of a "
+          "difference can come from that.", "",
+          "| comparison | budget | zero-shot acc1 | retrieval R@1 |", "|---|---|---|---|"]
+    for x, y in COMPARE:
+        if x not in methods or y not in methods:
+            continue
+        for b, _ in budgets:
+            cols = []
+            for metric in ("zs_acc1", "R@1"):
+                r = (bootstrap(results, x, y, b, metric, text_image)
+                     if metric == "zs_acc1" or text_image is not None else None)
+                cols.append("–" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] "
+                                                  f"(n = {r[3]}, {r[4]} seeds)")
+            if any(c != "–" for c in cols):
+                L.append(f"| {x} − {y} | {b} | " + " | ".join(cols) + " |")
+    claim = [r for r in results.rows if r["stage"] == "claim"]
+    if claim:
+        L += ["", "### SMA's claim: flqmi − multipos at a matched config, M = 1 and M = 5 captions per step", "",
+              "Both losses run at the same config (lr, steps, fixed tau; K = 2 views, same heads and seeds): the "
+              "zero-shot-selected config of the method in the `config of` column. The set formulation helps if "
+              "Δ > 0 at M = 5 and Δ ≈ 0 at M = 1. Δ: paired bootstrap 95% interval over the held-out items.", "",
+              "| budget | config of | lr, steps, tau | M | flqmi acc1 | multipos acc1 | Δ acc1 [95%] | flqmi R@1 | "
+              "multipos R@1 | Δ R@1 [95%] |", "|---|---|---|---|---|---|---|---|---|---|"]
+        groups = list(dict.fromkeys((r["budget"], shared(r["config"])) for r in claim))
+        for b, matched in groups:
+            src = [m for m in ("multipos", "flqmi") if shared({**choose(results, m, b)["zeroshot"]}) == matched]
+            cfg = json.loads(matched)
+            for M in (1, 5):
+                vals = {m: {} for m in ("flqmi", "multipos")}
+                for r in claim:
+                    if r["budget"] == b and r["config"]["M"] == M and shared(r["config"]) == matched:
+                        for metric in ("zs_acc1", "R@1"):
+                            vals[r["method"]].setdefault(metric, {})[r["seed"]] = r["heldout"][metric]
+                row = [b, " = ".join(src), f"{cfg.get('lr')}, {cfg.get('steps')}, {cfg.get('tau')}", str(M)]
+                for metric in ("zs_acc1", "R@1"):
+                    row += [fmt(vals["flqmi"].get(metric, {})), fmt(vals["multipos"].get(metric, {}))]
+                    r = bootstrap(results, "flqmi", "multipos", b, metric, text_image, "claim", M, matched)
+                    row.append("–" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] "
+                                                     f"({r[4]} seeds)")
+                L.append("| " + " | ".join(row) + " |")
+    L += ["", "### Selected configs (validation, seed 0)", "", "| method | budget | for zero-shot | for R@1 |",
+          "|---|---|---|---|"]
+    for m in methods:
+        for b, _ in budgets:
+            if any(r["stage"] == "select" and r["method"] == m and r["budget"] == b for r in results.rows):
+                ch = choose(results, m, b)
+                short = lambda c: ", ".join(f"{k} {v}" for k, v in c.items() if k in METHODS[m].grid)  # noqa: E731
+                L.append(f"| {m} | {b} | {short(ch['zeroshot'])} | {short(ch['retrieval'])} |")
+    Path(f"{a.out}.md").write_text("\n".join(L) + "\n", encoding="utf-8")
+
+    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 4))
+    for ax, (metric, title) in zip(axes, HEADLINE):
+        for m in methods:
+            xs, ms, ss = [], [], []
+            for b, n in budgets:
+                v = C.get((m, b), {}).get(metric, {})
+                if v:
+                    mu, sd = mean_std(list(v.values()))
+                    xs.append(n), ms.append(mu * (100 if metric != "gap" else 1))
+                    ss.append(0 if math.isnan(sd) else sd * (100 if metric != "gap" else 1))
+            if xs:
+                line, = ax.plot(xs, ms, marker="o", label=m)
+                ax.fill_between(xs, [u - s for u, s in zip(ms, ss)], [u + s for u, s in zip(ms, ss)],
+                                color=line.get_color(), alpha=0.15)
+        if metric in chance:
+            ax.axhline(100 * chance[metric], color="grey", ls="--", lw=1, label="chance")
+        ax.set_xscale("log")
+        ax.set_xticks([n for _, n in budgets], [f"{n}\n{b}" for b, n in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("paired training entities (log scale)")
+        ax.set_title(title + ("" if metric == "gap" else " (%)"), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{Path(a.data).name}, {a.image_encoder} + {a.text_encoder}; mean ± std over seeds {a.seeds}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(f"{a.out}.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    protocol = __doc__.split("Protocol (every choice here is ours, not the papers'):")[1]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Protocol:" + protocol,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="pairs file (image,caption rows): training + validation entities")
+    p.add_argument("--heldout", required=True, help="evaluate.py tasks scored after training, e.g. `emoji` or "
+                   "`csv:heldout.csv,folder:zeroshot` (never used for selection)")
+    p.add_argument("--val-classes", default="", help="CSV image,class: the class (a folder of the held-out "
+                   "zero-shot task) of training entities; enables the validation zero-shot signal")
+    p.add_argument("--budgets", default="5%,10%,25%,50%,100%", help="paired training entities: counts or percentages")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (selection always trains with seed 0)")
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "flvmi"),
+                   help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--claim-seeds", default="0,1,2,3,4",
+                   help="seeds of the flqmi vs multipos M = 1 / 5 cell ('' = off)")
+    p.add_argument("--claim-budgets", default="100%", help="budgets of that cell (comma list, among --budgets)")
+    p.add_argument("--image-encoder", default="offline:efficientnet-lite0")
+    p.add_argument("--text-encoder", default="offline:all-minilm-l6-v2")
+    p.add_argument("--views", type=int, default=2, help="K image views per entity (SMA methods)")
+    p.add_argument("--captions", type=int, default=5, help="M captions per entity per step (SMA methods)")
+    p.add_argument("--dim", type=int, default=128, help="output dimension of every trained head")
+    p.add_argument("--hidden", type=int, default=256, help="hidden width of SMA's 2-layer heads")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 was fastest on "
+                   "2 cores shared with other jobs)")
+    p.add_argument("--batch-size", type=int, default=128, help="entities (pairs) per step, also unpaired per step")
+    p.add_argument("--val-pct", type=int, default=20, help="percent of the --data entities kept for validation")
+    p.add_argument("--cache-dir", default=".cache")
+    p.add_argument("--out", default="runs/sweep", help="prefix of <out>.jsonl, <out>.md, <out>.png")
+    p.add_argument("--grid", default="", help='JSON replacing grid entries, e.g. \'{"flqmi": {"steps": [20]}}\'')
+    p.add_argument("--stop-after-runs", type=int, default=0, help="stop after this many new runs (tests resume)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite <out>.md / .png from <out>.jsonl")
+    a = p.parse_args(argv)
+    a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    a.claim_seeds = [int(s) for s in a.claim_seeds.split(",") if s.strip()]
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in a.methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; known: {', '.join(METHODS)}")
+    try:
+        grid = json.loads(a.grid) if a.grid else {}
+    except json.JSONDecodeError as e:
+        p.error(f"--grid: not JSON ({e})")
+    for name, entries in grid.items():
+        if name not in METHODS or not isinstance(entries, dict):
+            p.error(f"--grid: {name!r} must be one of {', '.join(METHODS)}, with a dict of lists")
+        METHODS[name] = replace(METHODS[name], grid={**METHODS[name].grid, **entries})
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        if a.report_only:
+            pairs = sma.read_pairs(a.data, check_images=False)
+            n_train = len(val_split(pairs, a.val_pct)[0])
+            return report(a, Results(f"{a.out}.jsonl"), parse_budgets(a.budgets, n_train))
+        return sweep(a)
+    except (sma.DataError, UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
