@@ -746,7 +746,7 @@ class Model:
     specs: dict  # {"image": spec, "text": spec}
     heads: dict  # {"image": nn.Module, "text": nn.Module}
     device: str
-    info: dict  # the aligner checkpoint less its heads (method, args, metrics), plus "dim"; {"method": "open_clip"}
+    info: dict = field(default_factory=dict)  # the aligner checkpoint less its heads (method, args, metrics), "dim"
     encoders: dict = field(default_factory=dict)
 
     def encoder(self, modality) -> Encoder:

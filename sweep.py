@@ -51,6 +51,7 @@ Protocol (every choice here is ours, not the papers'):
   and once at flqmi's zero-shot-selected config (so neither method runs only at the other's optimum).
 """
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -94,9 +95,11 @@ def train_sma(cfg, data, seed, common):
     return model.image_head, model.text_head, metrics["step"]
 
 
-def teacher_heads(P, kind="cca", reg=0.1):
-    """SOTAlign's stage 1 as in sotalign.main: a closed-form fit on every (image, caption) row -> two AffineHeads."""
-    T = sotalign.TEACHER_FITS[kind](P["image"].repeat_interleave(P["counts"], 0), P["text"], reg)
+def teacher_heads(P, kind="cca", reg=0.1, dim=0):
+    """SOTAlign's stage 1 as in sotalign.main: a closed-form fit on every (image, caption) row -> two AffineHeads
+    (kind csa: CSA's correlation-weighted CCA, keeping `dim` directions, 0 = all)."""
+    fit = functools.partial(sotalign.csa, dim=dim) if kind == "csa" else sotalign.TEACHER_FITS[kind]
+    T = fit(P["image"].repeat_interleave(P["counts"], 0), P["text"], reg)
     heads = (sotalign.AffineHead(*T["W_x"].shape), sotalign.AffineHead(*T["W_y"].shape))
     for h, side in zip(heads, "xy"):
         h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
@@ -104,7 +107,7 @@ def teacher_heads(P, kind="cca", reg=0.1):
 
 
 def train_teacher(cfg, data, seed, common):
-    return (*teacher_heads(data["pairs"], "cca", cfg["reg"]), 0)
+    return (*teacher_heads(data["pairs"], cfg.get("kind", "cca"), cfg["reg"], cfg.get("dim", 0)), 0)
 
 
 def train_sotalign(cfg, data, seed, common):
@@ -113,10 +116,12 @@ def train_sotalign(cfg, data, seed, common):
     UI, UT = (data["unpaired_images"], data["unpaired_texts"]) if cfg.get("unpaired") else (None, None)
     args = sotalign.Args(pairs="-", image_encoder=common["image_encoder"], text_encoder=common["text_encoder"],
                          lambda_ot=cfg.get("lambda_ot", 1.0), eps=cfg.get("eps", 0.05), dim=common["dim"],
+                         unpaired_negatives=cfg.get("negatives", False),
+                         lambda_structure=cfg.get("lambda_structure", 0.0),
                          head_layers=1, paired_batch=common["batch"], unpaired_batch=common["batch"],
                          steps=cfg["steps"], lr=cfg["lr"], seed=seed, out=common["tmp"], device="cpu", compile=False,
                          log_every=10 ** 9, ckpt_every=10 ** 9)
-    teacher = teacher_heads(P, "cca", args.teacher_reg) if UI is not None else None
+    teacher = teacher_heads(P, "cca", args.teacher_reg) if UI is not None and args.lambda_ot > 0 else None
     model, metrics = sotalign.train(args, P, UI, UT, teacher, 0, 1, "cpu", log=lambda *a: None)
     return model.image_head, model.text_head, metrics["step"]
 
@@ -145,9 +150,19 @@ METHODS = {
     "sotalign": Method(train_sotalign, {"unpaired": True}, {"lr": [1e-3, 3e-3], "steps": [100, 300],
                                                              "lambda_ot": [1.0, 10.0]}, needs_unpaired=True,
                        label="SOTAlign (KLOT)"),
+    # the papers' other baselines (sotalign.py's options); lambda 1e-4 is the authors' value with unpaired negatives
+    "csa": Method(train_teacher, {"kind": "csa"}, {"reg": [0.01, 0.1, 1.0], "dim": [32, 128, 0]},
+                  label="CSA (training-free)"),
+    "sotalign-neg": Method(train_sotalign, {"unpaired": True, "negatives": True},
+                           {"lr": [1e-3, 3e-3], "steps": [100, 300], "lambda_ot": [1e-4, 1.0]}, needs_unpaired=True,
+                           label="SOTAlign + unpaired negatives"),
+    "structure": Method(train_sotalign, {"unpaired": True, "lambda_ot": 0.0},
+                        {"lr": [1e-3, 3e-3], "steps": [100, 300], "lambda_structure": [1.0, 10.0]},
+                        needs_unpaired=True, label="STRUCTURE (SigLIP + regulariser)"),
 }
 # the headline comparisons that get a paired bootstrap interval: (method, baseline)
-COMPARE = [("flqmi", "multipos"), ("flqmi", "infonce"), ("sotalign", "siglip-pairs"), ("sotalign", "teacher")]
+COMPARE = [("flqmi", "multipos"), ("flqmi", "infonce"), ("sotalign", "siglip-pairs"), ("sotalign", "teacher"),
+           ("sotalign", "structure"), ("flqmi", "csa")]
 HEADLINE = [("zs_acc1", "zero-shot acc1 (held-out)"), ("R@1", "retrieval R@1 (held-out)"),
             ("gap", "modality gap (held-out retrieval)")]
 
