@@ -51,6 +51,7 @@ Protocol (every choice here is ours, not the papers'):
   and once at flqmi's zero-shot-selected config (so neither method runs only at the other's optimum).
 """
 import argparse
+import csv
 import functools
 import hashlib
 import itertools
@@ -71,6 +72,7 @@ from tqdm import tqdm
 import evaluate
 import sma
 import sotalign
+
 
 class UserError(ValueError):
     """A bad command line or input: printed as one line, exit status 2."""
@@ -132,33 +134,29 @@ class Method:
     fixed: dict  # config entries that define the method
     grid: dict  # name -> values; the product is searched
     needs_unpaired: bool = False
-    label: str = ""
 
 
 # not specified in the papers; we use these grids (kept small for the CPU; lr, steps and the temperature for every
 # trained method, eta / lambda where the method has them)
 SMA_GRID = {"lr": [1e-3, 3e-3], "steps": [50, 150], "tau": [0.05, 0.1, 0.2]}
 METHODS = {
-    "flqmi": Method(train_sma, {"loss": "flqmi", "learn_tau": False}, {**SMA_GRID, "eta": [1.0]}, label="SMA FLQMI"),
-    "flvmi": Method(train_sma, {"loss": "flvmi", "learn_tau": False}, SMA_GRID, label="SMA FLVMI"),
-    "infonce": Method(train_sma, {"loss": "infonce", "learn_tau": False}, SMA_GRID, label="InfoNCE"),
-    "multipos": Method(train_sma, {"loss": "multipos", "learn_tau": False}, SMA_GRID, label="multi-positive InfoNCE"),
-    "siglip": Method(train_sma, {"loss": "siglip"}, {"lr": [1e-3, 3e-3], "steps": [50, 150], "tau": [0.05, 0.1]},
-                     label="SigLIP (SMA heads)"),  # tau: the initial 1/scale; scale and bias stay learned
-    "teacher": Method(train_teacher, {}, {"reg": [0.01, 0.1, 1.0]}, label="SOTAlign teacher (CCA)"),
-    "siglip-pairs": Method(train_sotalign, {}, {"lr": [1e-3, 3e-3], "steps": [100, 300]}, label="SigLIP on pairs"),
-    "sotalign": Method(train_sotalign, {"unpaired": True}, {"lr": [1e-3, 3e-3], "steps": [100, 300],
-                                                             "lambda_ot": [1.0, 10.0]}, needs_unpaired=True,
-                       label="SOTAlign (KLOT)"),
+    "flqmi": Method(train_sma, {"loss": "flqmi", "learn_tau": False}, {**SMA_GRID, "eta": [1.0]}),
+    "flvmi": Method(train_sma, {"loss": "flvmi", "learn_tau": False}, SMA_GRID),
+    "infonce": Method(train_sma, {"loss": "infonce", "learn_tau": False}, SMA_GRID),
+    "multipos": Method(train_sma, {"loss": "multipos", "learn_tau": False}, SMA_GRID),
+    # siglip: tau is the initial 1/scale; scale and bias stay learned (SAIL's heads)
+    "siglip": Method(train_sma, {"loss": "siglip"}, {"lr": [1e-3, 3e-3], "steps": [50, 150], "tau": [0.05, 0.1]}),
+    "teacher": Method(train_teacher, {}, {"reg": [0.01, 0.1, 1.0]}),
+    "siglip-pairs": Method(train_sotalign, {}, {"lr": [1e-3, 3e-3], "steps": [100, 300]}),
+    "sotalign": Method(train_sotalign, {"unpaired": True},
+                       {"lr": [1e-3, 3e-3], "steps": [100, 300], "lambda_ot": [1.0, 10.0]}, needs_unpaired=True),
     # the papers' other baselines (sotalign.py's options); lambda 1e-4 is the authors' value with unpaired negatives
-    "csa": Method(train_teacher, {"kind": "csa"}, {"reg": [0.01, 0.1, 1.0], "dim": [32, 128, 0]},
-                  label="CSA (training-free)"),
+    "csa": Method(train_teacher, {"kind": "csa"}, {"reg": [0.01, 0.1, 1.0], "dim": [32, 128, 0]}),
     "sotalign-neg": Method(train_sotalign, {"unpaired": True, "negatives": True},
-                           {"lr": [1e-3, 3e-3], "steps": [100, 300], "lambda_ot": [1e-4, 1.0]}, needs_unpaired=True,
-                           label="SOTAlign + unpaired negatives"),
+                           {"lr": [1e-3, 3e-3], "steps": [100, 300], "lambda_ot": [1e-4, 1.0]}, needs_unpaired=True),
     "structure": Method(train_sotalign, {"unpaired": True, "lambda_ot": 0.0},
                         {"lr": [1e-3, 3e-3], "steps": [100, 300], "lambda_structure": [1.0, 10.0]},
-                        needs_unpaired=True, label="STRUCTURE (SigLIP + regulariser)"),
+                        needs_unpaired=True),
 }
 # the headline comparisons that get a paired bootstrap interval: (method, baseline)
 COMPARE = [("flqmi", "multipos"), ("flqmi", "infonce"), ("sotalign", "siglip-pairs"), ("sotalign", "teacher"),
@@ -286,7 +284,7 @@ def load_tasks(spec, common, cache_dir):
     return tasks
 
 
-def val_tasks(pairs, F_, val_ids, classes_csv, heldout, common, cache_dir):
+def val_tasks(pairs, F_, val_ids, classes_csv, heldout):
     """Validation tasks on the validation entities: retrieval (view 0 + all captions) and, with --val-classes,
     zero-shot over the held-out zero-shot task's classes, names and templates."""
     V = subset(F_, val_ids)
@@ -294,7 +292,6 @@ def val_tasks(pairs, F_, val_ids, classes_csv, heldout, common, cache_dir):
                                "text_image": torch.repeat_interleave(torch.arange(len(val_ids)), V["counts"])}}
     zs = [t for t in heldout.values() if t["kind"] == "zeroshot"]
     if classes_csv and zs:
-        import csv
         z = zs[0]
         base = Path(classes_csv).resolve().parent
         with open(classes_csv, encoding="utf-8") as f:
@@ -387,7 +384,7 @@ def sweep(a):
     train_ids, val_ids = val_split(pairs, a.val_pct)
     a.n_train = len(train_ids)
     heldout = load_tasks(a.heldout, common, a.cache_dir)
-    val = val_tasks(pairs, F_, val_ids, a.val_classes, heldout, common, a.cache_dir)
+    val = val_tasks(pairs, F_, val_ids, a.val_classes, heldout)
     t_extract = time.time() - t0
     budgets = parse_budgets(a.budgets, len(train_ids))
     if a.claim_seeds and not {b for b, _ in parse_budgets(a.claim_budgets, a.n_train)} <= {b for b, _ in budgets}:
@@ -650,7 +647,7 @@ def report(a, results, budgets):
                 ax.fill_between(xs, [u - s for u, s in zip(ms, ss)], [u + s for u, s in zip(ms, ss)],
                                 color=line.get_color(), alpha=0.15)
         if metric in chance:
-            ax.axhline(100 * chance[metric], color="grey", ls="--", lw=1, label="chance")
+            ax.axhline(100 * chance[metric], color="grey", ls="--", lw=1)
         ax.set_xscale("log")
         ax.set_xticks([n for _, n in budgets], [f"{n}\n{b}" for b, n in budgets])
         ax.minorticks_off()

@@ -35,8 +35,7 @@ def main():
                                       views=2, cache_dir=o.cache_dir))
     tr, va = sweep.val_split(pairs, a.val_pct)
     common = {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder}
-    val = sweep.val_tasks(pairs, F_, va, a.val_classes, sweep.load_tasks("emoji", common, o.cache_dir), common,
-                          o.cache_dir)
+    val = sweep.val_tasks(pairs, F_, va, a.val_classes, sweep.load_tasks("emoji", common, o.cache_dir))
     data = sweep.run_data(F_, tr, len(tr), 0, False)
     E, B = len(tr), 128
     lines = ["# How SMA's temperature learns (emoji set, offline encoders; validation split, seed 0)", "",
