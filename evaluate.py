@@ -437,7 +437,7 @@ def check_folder(path, flag):
 
 
 def arg(default, help, **check):
-    """An Args field: default, --help text, and what parse_dataclass checks: required=True, choices=, ge= / gt= a bound."""
+    """An Args field: default, --help text, and what parse_dataclass checks: required=True, choices=, ge= or gt=."""
     return field(default=default, metadata={"help": help, **check})
 
 

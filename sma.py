@@ -16,7 +16,8 @@ Commands:
 Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, reused by later runs),
   <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
   <out>/aligner.pt (the export evaluate.py loads; format in README.md), <out>/eval.json (with --eval).
-Measured on: 2 CPU cores, torch 2.15, no GPU (bench/sma_step_cpu.md, bench/sweep_emoji.md). GPU: not yet.
+Measured on: 2 CPU cores, torch 2.15 (bench/sma_step_cpu.md, bench/sweep_emoji.md); one H100 (bench/sma_step_gpu.md).
+Needs: evaluate.py beside it (the readers, encoders and heads this file imports, and the evaluator).
 """
 import hashlib
 import json

@@ -16,7 +16,9 @@ Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
   python sotalign.py ... --resume     # continue <out>/checkpoint.pt | torchrun --nproc_per_node=N sotalign.py ...
 Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>.pt (features of each input set), <out>/teacher.pt, aligner.pt
   (aligners evaluate.py loads), checkpoint.pt (training state, atomic), manifest.json, eval*.json (with --eval).
-Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/sotalign_emoji_results.md); GPU: not yet.
+Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/sweep_emoji.md); one H100
+  (bench/sotalign_sinkhorn_gpu.md).
+Needs: evaluate.py beside it (the readers, encoders and heads this file imports, and the evaluator).
 """
 import csv
 import functools
