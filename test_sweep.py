@@ -83,6 +83,10 @@ def test_sweep_rows_table_plot_and_resume(tiny, tmp_path):
     assert "wall" in table and "over 2 invocation(s)" in table  # the session rows: the time of every invocation
     sweep.main(argv(tiny, out))  # a finished sweep reruns nothing
     assert runs_in(out) == rows
+    table = Path(f"{out}.md").read_text()
+    Path(f"{out}.md").unlink()
+    sweep.main(argv(tiny, out, "--report-only"))  # the report alone, from the JSON lines
+    assert runs_in(out) == rows and Path(f"{out}.md").read_text() == table
 
 
 def test_claim_cell_runs_both_losses_at_each_selected_config(tiny, tmp_path):
