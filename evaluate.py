@@ -305,7 +305,12 @@ def _openclip_model(model_name, pretrained, device):
 def _build_encoder(kind, name, modality, device) -> Encoder:
     if kind == "py":  # e.g. py:tiny_encoders:text (the tests' tiny random text encoder)
         module, _, function = name.partition(":")
-        return getattr(importlib.import_module(module), function)(modality, device)
+        try:
+            build = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as e:
+            raise DataError(f"encoder spec {kind}:{name}: cannot import {module}.{function} ({e}); the module must be "
+                            "importable from the working folder or PYTHONPATH") from None
+        return build(modality, device)
     if modality == "image" and kind in ("timm", "timm-random"):
         import timm
         name, _, px = name.partition("@")  # @<px>: input resolution (ViTs resample their position embedding)
@@ -864,7 +869,7 @@ class Aligner:
 
     def __init__(self, model: Model, batch_size=256):
         self.model, self.info, self.specs, self.device = model, model.info, model.specs, model.device
-        self.method = model.info["method"]
+        self.method = model.info.get("method")
         self.run = argparse.Namespace(batch_size=batch_size, workers=0, device=model.device)  # read by encode_*s
 
     @property
@@ -991,7 +996,8 @@ def modality_gap(image_emb, text_emb, pair_image, pair_text) -> dict:
 def evaluate_task(model: Model, name, task, data: Data, args) -> dict:
     cache = Path(args.cache_dir) / "eval"
     root = str(task_root(name, task, args).resolve())
-    key = fingerprint([name, root, task.split, len(data.images), model.specs["image"]], data.files)
+    # "v2": large JPEGs are decoded at reduced size (Image.draft in rgb_first) since the extraction changes
+    key = fingerprint(["v2", name, root, task.split, len(data.images), model.specs["image"]], data.files)
     raw = cached(cache / f"{slug(name)}-image-{key}.pt",
                  lambda: encode_images(model.encoder("image"), data.images, args, f"{name} images"))
     image_emb, labels = embed(model, "image", raw["features"]), raw["labels"].to(args.device)

@@ -559,8 +559,9 @@ def train(args: Args, feats: dict, rank, world, device, log):
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():  # CLIP clamps 1/tau at 100 (Radford et al. 2021, Sec. 2.5)
-            model.logit_scale.clamp_(max=math.log(100))
+        if not args.fixed_tau:  # CLIP clamps a learned 1/tau at 100 (Radford et al. 2021, Sec. 2.5)
+            with torch.no_grad():
+                model.logit_scale.clamp_(max=math.log(100))
         step += 1
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == total:
             metrics = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
@@ -635,7 +636,7 @@ def main(argv=None):
             # evaluate.py's default batch of 256 images peaked at 5.4 GB on a CPU: use the extraction batch
             results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
                                      str(out / "eval.json"), "--cache-dir", args.cache_dir,
-                                     "--batch-size", str(args.extract_batch_size)])
+                                     "--batch-size", str(args.extract_batch_size), "--device", device])
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
                      "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
                      "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),

@@ -560,7 +560,8 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     P: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None; teacher: its AffineHeads."""
     PI, PT, counts = P["image"].to(device), P["text"].to(device), P["counts"].to(device)
     first = counts.cumsum(0) - counts  # (E,) index in PT of each entity's first caption
-    E, unpaired = len(PI), UI is not None  # unpaired batches feed KLOT, the extra negatives and STRUCTURE
+    E = len(PI)  # unpaired batches are drawn only when a term uses them: KLOT, the extra negatives, STRUCTURE
+    unpaired = UI is not None and (args.lambda_ot > 0 or args.unpaired_negatives or args.lambda_structure > 0)
     ot = unpaired and args.lambda_ot > 0
     Bp = max(min(args.paired_batch, E) // world, 1) * world  # multiples of world: each rank takes an equal slice
     B = (Bp,)
@@ -609,7 +610,8 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
         z = [zi[:Bp // world], zt[:Bp // world]] + ([zi[Bp // world:], zt[Bp // world:]] if unpaired else [])
         raw = [xi[0], xt[0]] + xi[1:] + xt[1:]  # the frozen features in z's order (STRUCTURE compares with them)
         if world > 1:  # the losses need whole batches; gradients flow back to each rank's slice
-            z, raw = [Gather.apply(x) for x in z], [Gather.apply(x) for x in raw]
+            z = [Gather.apply(x) for x in z]
+            raw = [Gather.apply(x) for x in raw] if args.lambda_structure else raw
         negatives = z[2:] if args.unpaired_negatives else []  # (n, d) images, (m, d) texts
         if args.paired_loss == "siglip":
             loss, parts = siglip(z[0], z[1], scale, bias, *negatives)
@@ -741,7 +743,8 @@ def main(argv=None):
             import evaluate
             results, teacher_results = (evaluate.main(["--aligner", str(out / a), "--tasks", args.eval, "--output",
                                                        str(out / o), "--cache-dir", args.cache_dir,
-                                                       "--batch-size", str(args.extract_batch_size)])
+                                                       "--batch-size", str(args.extract_batch_size),
+                                                       "--device", device])
                                         for a, o in (("aligner.pt", "eval.json"), ("teacher.pt", "eval_teacher.json")))
             log(f"teacher: {teacher_results['summary']}")
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),

@@ -276,7 +276,7 @@ def load_tasks(spec, common, cache_dir):
         t = {"image": raw["features"], "text": text, "root": root}
         if task.kind == evaluate.CLS:
             t.update(kind="zeroshot", labels=raw["labels"], n_classes=len(data.classnames),
-                     classes=list(data.images.classes), classnames=data.classnames, templates=data.templates)
+                     classes=list(getattr(data.images, "classes", data.classnames)), classnames=data.classnames, templates=data.templates)
         else:
             t.update(kind="retrieval", text_image=torch.tensor([i for i, c in enumerate(data.captions) for _ in c]))
         tasks[name] = t
@@ -344,7 +344,7 @@ def plan(a, budgets, seeds, methods):
     for i, name in enumerate(methods):
         m = METHODS[name]
         for b in budgets:
-            if m.needs_unpaired and b[1] >= a.n_train:
+            if m.needs_unpaired and a.n_train - b[1] < 2:  # no two unpaired halves left
                 continue
             for cfg in configs(m):
                 yield "select", name, b, 0, cfg

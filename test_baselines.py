@@ -205,3 +205,18 @@ def test_csa_infonce_negatives_and_structure_run_end_to_end_and_evaluate(tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     aligner = torch.load(tmp_path / "b" / "aligner.pt", weights_only=True)
     assert aligner["method"] == "sotalign" and {"sig", "ot"} <= set(aligner["metrics"])
+
+
+def test_unpaired_data_that_no_term_uses_changes_nothing(tmp_path):
+    """--lambda-ot 0 without --unpaired-negatives or --lambda-structure is the pairs-only baseline, unpaired data or
+    not: the same steps, the same weights."""
+    g = torch.Generator().manual_seed(0)
+    P = {"image": torch.randn(20, 16, generator=g), "text": torch.randn(20, 8, generator=g),
+         "counts": torch.ones(20, dtype=torch.long)}
+    UI, UT = torch.randn(300, 16, generator=g), torch.randn(300, 8, generator=g)
+    args = so.Args(pairs="-", lambda_ot=0.0, dim=8, paired_batch=8, unpaired_batch=32, epochs=1, lr=1e-3,
+                   out=str(tmp_path), device="cpu", compile=False, log_every=10 ** 9, ckpt_every=10 ** 9)
+    (a, ma), (b, mb) = (so.train(args, P, X, Y, None, 0, 1, "cpu", log=lambda *_: None) for X, Y in ((None, None),
+                                                                                                    (UI, UT)))
+    assert ma["step"] == mb["step"] == 3
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

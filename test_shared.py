@@ -61,3 +61,8 @@ def test_unknown_spec_and_undownloadable_encoder_name_the_offline_specs():
         load_encoder("nope:x", "image")
     with pytest.raises(RuntimeError, match="offline:efficientnet-lite0"):
         load_encoder("hf:no-such-org/no-such-model-here", "text")  # HF_HUB_OFFLINE=1: nothing can download
+    from evaluate import DataError
+    with pytest.raises(DataError, match=r"py:no_such_module:text: cannot import no_such_module.text"):
+        load_encoder("py:no_such_module:text", "text")  # a user error (one line, exit 2 from the CLI)
+    with pytest.raises(DataError, match=r"cannot import tiny_encoders.nope"):
+        load_encoder("py:tiny_encoders:nope", "text")

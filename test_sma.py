@@ -220,11 +220,11 @@ def test_tau_sets_the_initial_temperature_and_fixed_tau_keeps_it(tmp_path):
     g = torch.Generator().manual_seed(0)
     feats = {"image": torch.randn(16, 2, 8, generator=g), "text": torch.randn(32, 6, generator=g),
              "counts": torch.full((16,), 2)}
-    for fixed in (True, False):
-        args = sma.Args(data="-", loss="infonce", tau=0.2, fixed_tau=fixed, dim=4, hidden=8, epochs=3, batch_size=8,
+    for tau0, fixed in ((0.2, True), (0.2, False), (0.005, True)):  # a fixed tau below CLIP's clamp stays too
+        args = sma.Args(data="-", loss="infonce", tau=tau0, fixed_tau=fixed, dim=4, hidden=8, epochs=3, batch_size=8,
                         lr=1e-2, out=str(tmp_path), device="cpu", log_every=10 ** 9, ckpt_every=10 ** 9)
-        assert 1 / sma.Heads(8, 6, args).logit_scale.exp().item() == pytest.approx(0.2)
+        assert 1 / sma.Heads(8, 6, args).logit_scale.exp().item() == pytest.approx(tau0)
         model, _ = sma.train(args, feats, 0, 1, "cpu", log=lambda *a: None)
         tau = 1 / model.logit_scale.exp().item()
-        assert tau == pytest.approx(0.2) if fixed else abs(tau - 0.2) > 1e-3
+        assert tau == pytest.approx(tau0) if fixed else abs(tau - tau0) > 1e-3
     assert 1 / sma.Heads(8, 6, sma.Args(loss="siglip")).logit_scale.exp().item() == pytest.approx(0.05)  # default
