@@ -560,7 +560,8 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     P: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None; teacher: its AffineHeads."""
     PI, PT, counts = P["image"].to(device), P["text"].to(device), P["counts"].to(device)
     first = counts.cumsum(0) - counts  # (E,) index in PT of each entity's first caption
-    E = len(PI)  # unpaired batches are drawn only when a term uses them: KLOT, the extra negatives, STRUCTURE
+    E = len(PI)
+    # unpaired batches are drawn only when a term uses them: KLOT, the extra negatives, STRUCTURE
     unpaired = UI is not None and (args.lambda_ot > 0 or args.unpaired_negatives or args.lambda_structure > 0)
     ot = unpaired and args.lambda_ot > 0
     Bp = max(min(args.paired_batch, E) // world, 1) * world  # multiples of world: each rank takes an equal slice
