@@ -42,6 +42,7 @@ from tqdm import tqdm
 # The plumbing this file shares with evaluate.py: the pairs / COCO readers, frozen encoders by spec, the MLP head,
 # the user-error type, cache reads and atomic writes. It lives once, in evaluate.py's shared block (which every
 # aligner goes through anyway); this file holds the method. Copy both files together.
+import evaluate
 from evaluate import (DataError, Encoder, Pairs, arg, atomic_save, check_folder, head_state, load_encoder, make_head,
                       parse_dataclass, read_cache, read_pairs)
 
@@ -609,7 +610,6 @@ def check_run(args: Args, entities, world):
     if min(args.batch_size, entities) % world:
         raise DataError(f"--batch-size {min(args.batch_size, entities)}: not a multiple of the {world} processes")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
-        import evaluate
         evaluate.resolve_tasks(args.eval)
 
 
@@ -632,7 +632,6 @@ def main(argv=None):
         log(f"exported {out / 'aligner.pt'}")
         (out / "eval.json").unlink(missing_ok=True)  # an --overwrite run: no earlier scores beside the new aligner
         if args.eval:  # evaluate.py on the export -> its results, with its one-line "summary"
-            import evaluate
             # evaluate.py's default batch of 256 images peaked at 5.4 GB on a CPU: use the extraction batch
             results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
                                      str(out / "eval.json"), "--cache-dir", args.cache_dir,

@@ -46,6 +46,7 @@ from tqdm import tqdm
 # The plumbing this file shares with evaluate.py: the pairs / COCO readers, frozen encoders by spec, the MLP head,
 # the user-error type, cache reads and atomic writes. It lives once, in evaluate.py's shared block (which every
 # aligner goes through anyway); this file holds the method. Copy both files together.
+import evaluate
 from evaluate import (AffineHead, DataError, Encoder, arg, atomic_save, check_folder, check_image, head_state,
                       load_encoder, make_head, parse_dataclass, read_cache, read_pairs)
 
@@ -355,6 +356,18 @@ def csa(X, Y, reg=0.1, dim=0) -> dict:
 
 
 TEACHER_FITS = {"cca": cca, "csa": csa, "procrustes": procrustes, "ridge": ridge}
+
+
+def fit_teacher(P: dict, kind="cca", reg=0.1, dim=0) -> tuple:
+    """Stage 1: TEACHER_FITS[kind] on the pair features P (main's dict) -> (image, text) AffineHeads in float32,
+    z = (x / ||x|| - mu) W. dim: CSA's directions kept (0 = all; the other teachers keep all)."""
+    fit = functools.partial(csa, dim=dim) if kind == "csa" else TEACHER_FITS[kind]
+    # not specified in the paper; we use every (image, caption) row
+    T = fit(P["image"].repeat_interleave(P["counts"], 0), P["text"], reg)
+    heads = (AffineHead(*T["W_x"].shape), AffineHead(*T["W_y"].shape))
+    for h, side in zip(heads, "xy"):
+        h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
+    return heads
 
 
 def sinkhorn_log(C, eps, a=None, b=None, iters=100, tol=0.0, symmetric=True, check_every=10, compile=False):
@@ -691,7 +704,6 @@ def check_run(args: Args, sizes: list):
         if n < 2:
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
-        import evaluate
         evaluate.resolve_tasks(args.eval)
 
 
@@ -717,12 +729,8 @@ def main(argv=None):
             for name, p in (("pairs", pairs), ("heldout", heldout)))
     UI, UT = (get("unpaired", m, x) if x else None for m, x in (("image", images), ("text", texts)))
     encoders.clear()  # frees the frozen encoders before training
-    # stage 1: the teacher, closed form, float64; not specified in the paper; we use every (image, caption) row
-    fit = functools.partial(csa, dim=args.csa_dim) if args.teacher == "csa" else TEACHER_FITS[args.teacher]
-    T = fit(P["image"].repeat_interleave(P["counts"], 0), P["text"], args.teacher_reg)
-    teacher = (AffineHead(*T["W_x"].shape), AffineHead(*T["W_y"].shape))  # z = (x / ||x|| - mu) W, float32
-    for h, side in zip(teacher, "xy"):
-        h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
+    # stage 1: the teacher, closed form, fitted in float64
+    teacher = fit_teacher(P, args.teacher, args.teacher_reg, args.csa_dim)
     scores = {"train": recall_at_1(teacher, P), **({"heldout": recall_at_1(teacher, H)} if H else {})}
     log(f"teacher {args.teacher}: " + " | ".join(f"{k} R@1 {r1(v)}" for k, v in scores.items()))
     # stage 2: heads trained with SigLIP on the pairs + lambda KLOT on the unpaired batches
@@ -741,7 +749,6 @@ def main(argv=None):
         for name in ("eval.json", "eval_teacher.json"):  # an --overwrite run: no earlier scores beside the new export
             (out / name).unlink(missing_ok=True)
         if args.eval:  # evaluate.py on both exports -> their results, each with a one-line "summary"
-            import evaluate
             results, teacher_results = (evaluate.main(["--aligner", str(out / a), "--tasks", args.eval, "--output",
                                                        str(out / o), "--cache-dir", args.cache_dir,
                                                        "--batch-size", str(args.extract_batch_size),

@@ -52,7 +52,6 @@ Protocol (every choice here is ours, not the papers'):
 """
 import argparse
 import csv
-import functools
 import hashlib
 import itertools
 import json
@@ -97,19 +96,9 @@ def train_sma(cfg, data, seed, common):
     return model.image_head, model.text_head, metrics["step"]
 
 
-def teacher_heads(P, kind="cca", reg=0.1, dim=0):
-    """SOTAlign's stage 1 as in sotalign.main: a closed-form fit on every (image, caption) row -> two AffineHeads
-    (kind csa: CSA's correlation-weighted CCA, keeping `dim` directions, 0 = all)."""
-    fit = functools.partial(sotalign.csa, dim=dim) if kind == "csa" else sotalign.TEACHER_FITS[kind]
-    T = fit(P["image"].repeat_interleave(P["counts"], 0), P["text"], reg)
-    heads = (sotalign.AffineHead(*T["W_x"].shape), sotalign.AffineHead(*T["W_y"].shape))
-    for h, side in zip(heads, "xy"):
-        h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
-    return heads
-
-
 def train_teacher(cfg, data, seed, common):
-    return (*teacher_heads(data["pairs"], cfg.get("kind", "cca"), cfg["reg"], cfg.get("dim", 0)), 0)
+    """SOTAlign's stage 1 alone (kind cca, or csa with `dim` directions): sotalign.fit_teacher."""
+    return (*sotalign.fit_teacher(data["pairs"], cfg.get("kind", "cca"), cfg["reg"], cfg.get("dim", 0)), 0)
 
 
 def train_sotalign(cfg, data, seed, common):
@@ -123,7 +112,7 @@ def train_sotalign(cfg, data, seed, common):
                          head_layers=1, paired_batch=common["batch"], unpaired_batch=common["batch"],
                          steps=cfg["steps"], lr=cfg["lr"], seed=seed, out=common["tmp"], device="cpu", compile=False,
                          log_every=10 ** 9, ckpt_every=10 ** 9)
-    teacher = teacher_heads(P, "cca", args.teacher_reg) if UI is not None and args.lambda_ot > 0 else None
+    teacher = sotalign.fit_teacher(P, "cca", args.teacher_reg) if UI is not None and args.lambda_ot > 0 else None
     model, metrics = sotalign.train(args, P, UI, UT, teacher, 0, 1, "cpu", log=lambda *a: None)
     return model.image_head, model.text_head, metrics["step"]
 
