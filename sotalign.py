@@ -18,7 +18,7 @@ Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>.pt (features of each input 
   (aligners evaluate.py loads), checkpoint.pt (training state, atomic), manifest.json, eval*.json (with --eval).
 Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/sweep_emoji.md); one H100
   (bench/sotalign_sinkhorn_gpu.md).
-Needs: evaluate.py beside it (the readers, encoders and heads this file imports, and the evaluator).
+Needs: plumbing.py beside it (readers, encoders, heads, checkpoints); evaluate.py for --eval.
 """
 import csv
 import functools
@@ -43,12 +43,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-# The plumbing this file shares with evaluate.py: the pairs / COCO readers, frozen encoders by spec, the MLP head,
-# the user-error type, cache reads and atomic writes. It lives once, in evaluate.py's shared block (which every
-# aligner goes through anyway); this file holds the method. Copy both files together.
-import evaluate
-from evaluate import (AffineHead, DataError, Encoder, arg, atomic_save, check_folder, check_image, head_state,
-                      load_encoder, make_head, parse_dataclass, read_cache, read_pairs)
+# What this file shares with sma.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
+# heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
+# imported only for --eval.
+from plumbing import (AffineHead, DataError, Encoder, Gather, arg, atomic_save, check_folder, check_image, generator,
+                      head_state, load_checkpoint, load_encoder, make_head, parse_dataclass, read_cache, read_pairs,
+                      save_checkpoint, schedule, setup)
 
 
 # ---------------------------------------------------------------------------- args
@@ -244,11 +244,6 @@ def features(name, modality, items, args: Args, encoders: dict, rank=0, world=1,
         dist.barrier()
     part.unlink(missing_ok=True)  # the cache is complete: the partial file is no longer needed
     return mine
-
-
-def generator(*key) -> torch.Generator:
-    """A CPU generator seeded by a hash of `key` (ints), e.g. (seed, stream, epoch)."""
-    return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
 
 
 def draw(seed, stream, N, B, step) -> torch.Tensor:
@@ -493,81 +488,6 @@ def structure(E, A, tau=0.05, levels=1):
 CKPT_FORMAT = "sotalign-checkpoint/1"
 
 
-def setup(args: Args):
-    """(rank, world, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        device = f"cuda:{local}" if cuda else "cpu"
-    else:
-        rank, world = 0, 1
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device).index or 0)  # "cuda" has no index: set_device needs one
-        # TF32 for the heads' fp32 matmuls: ~8x faster on Ampere+, and the similarities tolerate its 1e-3 error
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return rank, world, device
-
-
-class Gather(torch.autograd.Function):
-    """all_gather along dim 0 with a gradient (open_clip's gather_with_grad): every rank computes the same loss L, so
-    backward sums all ranks' dL/dz and returns this rank's slice; DDP's mean over ranks then gives dL/dtheta."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def schedule(total, warmup):
-    """LR factor at step s (not specified in the paper; we use linear warm-up over `warmup` steps, cosine to 0)."""
-    return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) /
-                                                                            max(total - warmup, 1)))
-
-
-def save_checkpoint(path, model, opt, sched, step, args, metrics):
-    """Everything --resume needs, atomically: heads (unwrapped), optimizer, scheduler, step, RNG states, args. The
-    data order is a pure function of (seed, step) (draw), so step is its state."""
-    atomic_save({"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "args": asdict(args), "metrics": metrics}, path)
-
-
-def load_checkpoint(path, args, model=None, opt=None, sched=None) -> tuple:
-    """Check the checkpoint at `path` (readable, SOTAlign's, trained with the method args of `args`; else DataError),
-    then restore it into model/opt/sched when given -> (step, metrics)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # cut short, or not a torch file
-        raise DataError(f"--resume: cannot read {path} ({type(e).__name__}); delete it, or pass --overwrite without "
-                        "--resume, to start over") from None
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise DataError(f"--resume: {path} is not a SOTAlign training checkpoint ({CKPT_FORMAT}); use another --out")
-    now = asdict(args)
-    diff = [f"--{k.replace('_', '-')} {v!r} (now {now.get(k)!r})" for k, v in ck["args"].items()
-            if k not in RUN_ONLY and now.get(k) != v]
-    if diff:
-        raise DataError(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
-                        f"values, or use another --out to start a new run.")
-    if model is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        if ck["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-    return ck["step"], ck["metrics"]
-
-
 def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     """Stage 2 on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit.
     P: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None; teacher: its AffineHeads."""
@@ -598,7 +518,7 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, args, model, opt, sched)
+        step, metrics = load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args, model, opt, sched)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
@@ -661,7 +581,7 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
                 f" | {sum(B) / dt:.0f} samples/s")
             tick, since = time.time(), step
         if rank == 0 and (step % args.ckpt_every == 0 or step == total):
-            save_checkpoint(ckpt, model, opt, sched, step, args, metrics)
+            save_checkpoint(ckpt, CKPT_FORMAT, model, opt, sched, step, args, metrics)
         if step == args.stop_after_steps:
             log(f"stopping after step {step} (--stop-after-steps); continue with --resume")
             return None, None
@@ -696,7 +616,7 @@ def check_run(args: Args, sizes: list):
     check_folder(args.cache_dir, "--cache-dir")
     aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
     if args.resume and ckpt.is_file():
-        load_checkpoint(ckpt, args)  # readable, and trained with these args
+        load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args)  # readable, and trained with these args
     if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
         raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
                         "--out, pass --resume to continue a started run, or --overwrite to replace it")
@@ -704,12 +624,13 @@ def check_run(args: Args, sizes: list):
         if n < 2:
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
+        import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
         evaluate.resolve_tasks(args.eval)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup(args)
+    rank, world, device = setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
     keys = (args.image_key or None, args.caption_key or None, args.sep or None, args.skip_bad_rows)
@@ -749,6 +670,7 @@ def main(argv=None):
         for name in ("eval.json", "eval_teacher.json"):  # an --overwrite run: no earlier scores beside the new export
             (out / name).unlink(missing_ok=True)
         if args.eval:  # evaluate.py on both exports -> their results, each with a one-line "summary"
+            import evaluate
             results, teacher_results = (evaluate.main(["--aligner", str(out / a), "--tasks", args.eval, "--output",
                                                        str(out / o), "--cache-dir", args.cache_dir,
                                                        "--batch-size", str(args.extract_batch_size),

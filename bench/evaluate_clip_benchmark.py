@@ -76,7 +76,7 @@ def run_clip_benchmark(cb, folder, args, model, preprocess, tokenizer):
     ds.classes = CLASSES
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                          pin_memory=args.device.startswith("cuda"))
-    templates = ev.TEMPLATES["cifar10"]  # CLIP_benchmark's own template file format ({c})
+    templates = ev.cb_templates()["cifar10"]  # CLIP_benchmark's own template file format ({c})
     sync(args.device)
     t0 = time.perf_counter()
     # amp on CUDA only, as evaluate.py (CLIP_benchmark's CPU autocast would run bf16 on CPU: slow and not comparable)

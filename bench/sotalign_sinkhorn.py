@@ -58,7 +58,7 @@ def main():
     import ot  # POT, a test/bench-only dependency
 
     if a.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # as sotalign.setup
+        torch.backends.cuda.matmul.allow_tf32 = True  # as plumbing.setup
     g = torch.Generator().manual_seed(0)
     X, Y = (F.normalize(torch.randn(a.n, 1024, generator=g), dim=-1).to(a.device) for _ in range(2))
     C = -(X @ Y.T)  # (n, n) fp32

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sma import DataError, read_pairs
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

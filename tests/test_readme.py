@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "examples" / "emoji"
 
 
@@ -52,7 +52,7 @@ def test_readme_demo_trains_exports_and_beats_chance(tmp_path):
 
 def test_no_file_refers_to_notes_outside_the_repository():
     """The method notes live in docs/: a reference to the notes' old folder beside the repository would be dead in a
-    clone (the "shared block" is another thing: the plumbing in evaluate.py)."""
+    clone."""
     needle = "shared" + "/"  # spelt so that this file does not match itself
     files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".txt", ".csv", ".json") and p.is_file()
              and not {".venv", ".cache", ".git", "runs", "datasets", "results"} & set(p.relative_to(ROOT).parts)]

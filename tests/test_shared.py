@@ -1,36 +1,32 @@
-"""The shared block of evaluate.py (pairs and COCO readers, encoders, heads, atomic save) is what sma.py and sotalign.py
+"""plumbing.py (readers, encoders, heads, files, flags, training helpers) is what sma.py, sotalign.py and evaluate.py
 import: they hold their methods and redefine none of it. This checks that, the line budget, and the encoders."""
 import ast
 import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_names():
-    """The functions, classes and constants that evaluate.py's shared block defines."""
-    text = (ROOT / "evaluate.py").read_text()
-    found = re.search(r"^# =+ shared block\n.*?^# =+ end shared block\n", text, re.S | re.M)
-    assert found, "evaluate.py: shared block markers not found"
-    tree = ast.parse(found.group(0))
+    """The functions, classes and constants that plumbing.py defines."""
+    tree = ast.parse((ROOT / "plumbing.py").read_text())
     return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | \
         {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
 
 
-@pytest.mark.parametrize("name", ["sma.py", "sotalign.py"])
-def test_training_scripts_import_the_shared_block_and_redefine_none_of_it(name):
+@pytest.mark.parametrize("name", ["sma.py", "sotalign.py", "evaluate.py"])
+def test_scripts_import_the_plumbing_and_redefine_none_of_it(name):
     import importlib
     tree = ast.parse((ROOT / name).read_text())
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    assert not defined & shared_names(), f"{name} redefines {defined & shared_names()}: use evaluate.py's"
-    module, evaluate = importlib.import_module(name[:-3]), importlib.import_module("evaluate")
-    for used in ("DataError", "read_pairs", "load_encoder", "atomic_save", "make_head"):
-        assert getattr(module, used) is getattr(evaluate, used)  # one class, one function: no drifting copies
+    assert not defined & shared_names(), f"{name} redefines {defined & shared_names()}: use plumbing.py's"
+    module, plumbing = importlib.import_module(name[:-3]), importlib.import_module("plumbing")
+    for used in ("DataError", "read_pairs", "load_encoder", "atomic_save"):
+        assert getattr(module, used) is getattr(plumbing, used)  # one class, one function: no drifting copies
 
 
 @pytest.mark.parametrize("name", ["sma.py", "sotalign.py"])
@@ -43,7 +39,7 @@ def test_real_offline_encoders_give_meaningful_features():
     import torch.nn.functional as F
     from PIL import Image
 
-    from evaluate import load_encoder
+    from plumbing import load_encoder
     text = load_encoder("offline:all-minilm-l6-v2", "text")
     z = text.encode(["a red apple", "an apple, red and round", "a jet aeroplane in the sky"])
     assert z.shape == (3, 384) and torch.allclose(z.norm(dim=-1), torch.ones(3), atol=1e-4)
@@ -56,12 +52,12 @@ def test_real_offline_encoders_give_meaningful_features():
 
 
 def test_unknown_spec_and_undownloadable_encoder_name_the_offline_specs():
-    from evaluate import load_encoder
+    from plumbing import load_encoder
     with pytest.raises(ValueError, match="unknown image encoder spec"):
         load_encoder("nope:x", "image")
     with pytest.raises(RuntimeError, match="offline:efficientnet-lite0"):
         load_encoder("hf:no-such-org/no-such-model-here", "text")  # HF_HUB_OFFLINE=1: nothing can download
-    from evaluate import DataError
+    from plumbing import DataError
     with pytest.raises(DataError, match=r"py:no_such_module:text: cannot import no_such_module.text"):
         load_encoder("py:no_such_module:text", "text")  # a user error (one line, exit 2 from the CLI)
     with pytest.raises(DataError, match=r"cannot import tiny_encoders.nope"):

@@ -10,7 +10,7 @@ import pytest
 
 import sweep
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "examples" / "emoji"
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -21,7 +21,7 @@ import sotalign as so
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "examples" / "emoji"
 ENCODERS = ["--image-encoder", "timm-random:test_vit", "--text-encoder", "openclip:ViT-B-32:"]
 

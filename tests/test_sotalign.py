@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import evaluate
 import sotalign as so
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "examples" / "emoji"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TINY = ["--image-encoder", "timm-random:test_vit", "--text-encoder", "py:tiny_encoders:text"]
