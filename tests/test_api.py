@@ -148,7 +148,7 @@ def test_evaluate_model_writes_to_the_results_folder_by_default(tiny_clip, data,
 
 def test_readme_snippet_runs_as_written(aligner_path, monkeypatch, capsys):
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Use a trained aligner"):]
+    section = readme[readme.index("## Evaluation and the Python API"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) <= 6 and "runs/sma/aligner.pt" in code  # import + five lines
     monkeypatch.chdir(ROOT)  # the snippet's image paths are relative to the repository root
