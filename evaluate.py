@@ -11,11 +11,14 @@ open_clip models:
 
 Tasks: the 14 of `clip14` (12 classification sets + Flickr30k 1k test + MSCOCO 5k Karpathy test), extra torchvision
 classification sets, the shipped example splits (`emoji`), `folder:<path>` and `csv:<path>` (a pairs file).
-Each dataset is read from --dataset-root/<name>/ (or --dataset-root with `{dataset}` in it); a missing one is
-reported as skipped with what to put where, never as 0.
+Each dataset is read from --dataset-root/<name>/ (or --dataset-root with `{dataset}` in it). Every task runs inside
+one guard (run_task): whatever is wrong with its data (missing, half-extracted, a damaged file, a class or image count
+that differs from the split's) skips it with one line naming the path, the problem and the fix, never a 0 or a
+silent score; the run goes on, the JSON is rewritten after every task, and --strict makes a skip exit status 2.
 From Python (section "use from Python"): aligner = evaluate.load_aligner("runs/sma/aligner.pt"), then
 aligner.encode_image(paths or PIL images) and aligner.encode_text(texts) give L2-normalised (n, d) embeddings.
-Writes: one JSON file (--output) {"model", "results": [{"dataset", "task", "model", "metrics"}], "mean"}, and
+Writes: one JSON file (--output) {"model", "complete", "results": [{"dataset", "task", "model", "metrics" or
+"skipped"}], "mean"}, and
 prints a table and one summary line. Image and text features of the frozen encoders are computed once per
 (dataset, encoder spec) and cached under --cache-dir; heads are applied on the cache.
 Metrics: acc1, acc5, mean_per_class_recall; i2t_R@1/5/10, t2i_R@1/5/10; modality_gap, matched_cosine.
