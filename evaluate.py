@@ -831,7 +831,8 @@ def main(argv=None) -> dict:
              for r in done]
     parts = [p + (" (partial)" if r.get("partial") else "") for p, r in zip(parts, done)]
     mean, skipped, partial = out["mean"], len(results) - len(done), sum(bool(r.get("partial")) for r in done)
-    summary = " | ".join(parts + ([f"mean {100 * mean['mean']:.2f} over {mean['tasks']} tasks"] if mean["tasks"] else [])
+    means = [f"mean {100 * mean['mean']:.2f} over {mean['tasks']} tasks"] if mean["tasks"] else []
+    summary = " | ".join(parts + means
                          + ([f"clip14 mean {100 * mean['clip14']:.2f}"] if mean["clip14"] is not None else [])
                          + ([f"{partial} partial"] if partial else []) + ([f"{skipped} skipped"] if skipped else []))
     print(f"eval ({model.name}) | {summary} | -> {output}")

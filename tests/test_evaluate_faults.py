@@ -276,7 +276,8 @@ def test_command_line_exit_status_without_patches(aligner, tmp_path):
     (the fixture is not the real split) FGVC-Aircraft; no traceback, JSON written, 0 (2 with --strict)."""
     root = tmp_path / "datasets"
     make_sets(root)
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--aligner", str(aligner), "--tasks", "cifar100,fgvc_aircraft,nope",
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--aligner", str(aligner), "--tasks",
+           "cifar100,fgvc_aircraft,nope",
            "--dataset-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "e.json"),
            "--workers", "0", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
