@@ -11,11 +11,14 @@ open_clip models:
 
 Tasks: the 14 of `clip14` (12 classification sets + Flickr30k 1k test + MSCOCO 5k Karpathy test), extra torchvision
 classification sets, the shipped example splits (`emoji`), `folder:<path>` and `csv:<path>` (a pairs file).
-Each dataset is read from --dataset-root/<name>/ (or --dataset-root with `{dataset}` in it); a missing one is
-reported as skipped with what to put where, never as 0.
+Each dataset is read from --dataset-root/<name>/ (or --dataset-root with `{dataset}` in it). Every task runs inside
+one guard (run_task): whatever is wrong with its data (missing, half-extracted, a damaged file, a class or image count
+that differs from the split's) skips it with one line naming the path, the problem and the fix, never a 0 or a
+silent score; the run goes on, the JSON is rewritten after every task, and --strict makes a skip exit status 2.
 From Python (section "use from Python"): aligner = evaluate.load_aligner("runs/sma/aligner.pt"), then
 aligner.encode_image(paths or PIL images) and aligner.encode_text(texts) give L2-normalised (n, d) embeddings.
-Writes: one JSON file (--output) {"model", "results": [{"dataset", "task", "model", "metrics"}], "mean"}, and
+Writes: one JSON file (--output) {"model", "complete", "results": [{"dataset", "task", "model", "metrics" or
+"skipped"}], "mean"}, and
 prints a table and one summary line. Image and text features of the frozen encoders are computed once per
 (dataset, encoder spec) and cached under --cache-dir; heads are applied on the cache.
 Metrics: acc1, acc5, mean_per_class_recall; i2t_R@1/5/10, t2i_R@1/5/10; modality_gap, matched_cosine.
@@ -96,6 +99,11 @@ class Args:
                           "results/eval_<model>_<pretrained>.json under the current folder)")
     templates: str = arg("", "templates for folder: tasks: a text file (one template with {} per line) or a "
                              "CLIP_benchmark key such as imagenet1k (its 80 templates)")
+    strict: bool = arg(False, "exit with status 2 (after writing the JSON) if any task was skipped, for scripts that "
+                              "must not go on with missing numbers")
+    partial: bool = arg(False, "score a set whose image count differs from its split's known size (a subset, a "
+                               "half-extracted copy) instead of skipping it: its result is marked `partial` and left "
+                               "out of the means")
 
 
 def parse_args(argv=None) -> Args:
@@ -112,29 +120,65 @@ def parse_args(argv=None) -> Args:
 class Data:
     """What a reader returns."""
     images: object  # a dataset of (PIL image, class index), or a list of image paths (retrieval)
-    files: list  # image paths when the reader knows them (the cache key covers their size and mtime)
+    files: list  # (N,) the image files in order, or the files a binary set is read from (cache key: path, size, mtime)
     classnames: list = None  # (C,) classification
     templates: list = None  # (T,) prompt templates with {} or {c}
     captions: list = None  # (I,) list of captions per image, retrieval
+    labels: list = None  # (N,) class index per image, where the reader knows it without decoding (cache key, checks)
+    n_found: int = 0  # classes the data itself defines (class folders, label files); 0 = it defines none
+    partial: str = ""  # why the result is partial (check_counts with --partial); "" = the whole split
 
 
 class Transformed(torch.utils.data.Dataset):
     """The encoder's clean eval view of `images`: a dataset of (PIL image, label), or a list of image paths
     (label = position). Readers build datasets without a transform, so a cached run loads no encoder."""
 
-    def __init__(self, images, transform):
+    def __init__(self, images, transform, files=()):
         self.images, self.transform = images, transform
+        self.files = files if len(files) == len(images) else ()  # (N,) the image paths, to name a bad one
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        item = self.images[i]
-        if isinstance(item, str):
-            with Image.open(item) as im:
-                return self.transform(im), i  # the encoder's transform converts to RGB first
-        image, label = item
-        return self.transform(image), label
+        try:
+            item = self.images[i]  # a torchvision dataset opens and decodes its file here
+            if isinstance(item, str):
+                with Image.open(item) as im:
+                    return self.transform(im), i  # the encoder's transform converts to RGB first
+            image, label = item
+            return self.transform(image), label
+        except Exception as e:  # missing, cut short, not an image: any error decoding the data skips its task
+            where = self.files[i] if self.files else f"image {i} of {len(self)}"
+            raise DataError(f"{where}: cannot read the image ({type(e).__name__}: {one_line(e)}); replace the file "
+                            "or extract the set again") from None
+
+
+def one_line(e) -> str:
+    """An error's message on one line. An error raised in a DataLoader worker arrives in the main process as the
+    worker's traceback text, whose last line is `module.Type: message`: that message is kept."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].partition(": ")[2]
+    return " ".join(text.split())
+
+
+def listed_items(ds, root) -> tuple:
+    """(files, labels) of a torchvision dataset from the lists it keeps, without decoding an image: ImageFolder's
+    `samples`, the file-based sets' image paths and `_labels`. A binary set (CIFAR, STL-10, MNIST, PCam) keeps no
+    paths: its files are every file under `root`. labels: None where the dataset keeps none (PCam)."""
+    pairs = getattr(ds, "samples", None) or getattr(ds, "_samples", None)  # [(path, label)]
+    if pairs:
+        return [str(p) for p, _ in pairs], [int(y) for _, y in pairs]
+    files = next((v for v in (getattr(ds, a, None) for a in ("_image_files", "_images")) if v is not None), [])
+    labels = next((v for v in (getattr(ds, a, None) for a in ("_labels", "targets", "labels")) if v is not None), None)
+    if len(files) != len(ds):
+        files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
+    if labels is not None and len(labels) == len(ds):
+        labels = [int(y) for y in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    else:
+        labels = None
+    return [str(f) for f in files], labels
 
 
 def check_files(paths, what):
@@ -143,21 +187,34 @@ def check_files(paths, what):
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} images missing, e.g. {missing[0]}")
 
 
-def torchvision_set(name, cb_names=False, fix=None, **kwargs):
+def torchvision_set(name, download=True, cb_names=False, fix=None, **kwargs):
     """A torchvision dataset read as CLIP_benchmark reads it: its class names from CLIP_benchmark's table where
-    CLIP_benchmark overrides them (cb_names), else torchvision's `.classes` (through `fix`)."""
+    CLIP_benchmark overrides them (cb_names), else torchvision's `.classes` (through `fix`). download: torchvision
+    can download it (StanfordCars cannot: its download() raises even when the files are there)."""
     def read(root, args, task):
         import torchvision.datasets as tvd
-        ds = getattr(tvd, name)(str(root), download=args.download, **kwargs)
+        ds = getattr(tvd, name)(str(root), download=args.download and download, **kwargs)
         names = cb_classnames()[task] if cb_names else [fix(c) if fix else c for c in ds.classes]
-        return Data(ds, [], names, cb_templates()[task])
+        files, labels = listed_items(ds, root)
+        return Data(ds, files, names, cb_templates()[task], labels=labels, n_found=len(getattr(ds, "classes", ())))
     return read
 
 
 def read_imagenet(root, args, task):
     import torchvision.datasets as tvd
-    ds = tvd.ImageNet(str(root), split="val")  # parses the devkit once into meta.bin; no download exists
-    return Data(ds, [p for p, _ in ds.samples], cb_classnames()["imagenet1k"], cb_templates()["imagenet1k"])
+    # parses the devkit once into meta.bin (no download exists); allow_empty: an empty class folder stays a class
+    ds = tvd.ImageNet(str(root), split="val", allow_empty=True)
+    # torchvision's labels are positions among the class folders found in val/: one folder missing would shift
+    # every later label. The devkit's wnids, sorted, are the 1,000 positions OpenAI's class names follow.
+    wnids = sorted(tvd.imagenet.load_meta_file(str(root))[0])
+    if ds.wnids != wnids:
+        missing, extra = sorted(set(wnids) - set(ds.wnids)), sorted(set(ds.wnids) - set(wnids))
+        raise DataError(f"{root / 'val'}: {len(ds.wnids)} class folders for the devkit's {len(wnids)} (missing "
+                        f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'}); labels would shift. Delete "
+                        "val/ and keep ILSVRC2012_img_val.tar beside the devkit: torchvision sorts it again")
+    files, labels = listed_items(ds, root)
+    return Data(ds, files, cb_classnames()["imagenet1k"], cb_templates()["imagenet1k"], labels=labels,
+                n_found=len(ds.wnids))
 
 
 def read_caltech101(root, args, task):
@@ -166,8 +223,12 @@ def read_caltech101(root, args, task):
     import torchvision.datasets as tvd
     if args.download:
         tvd.Caltech101(str(root), download=True)
-    ds = tvd.ImageFolder(str(root / "caltech101" / "101_ObjectCategories"), is_valid_file=lambda p: p.endswith(".jpg"))
-    return Data(ds, [p for p, _ in ds.samples], cb_classnames()["caltech101"], cb_templates()["caltech101"])
+    # allow_empty: an empty class folder stays a class, so that the image count (not a shifted label) says so
+    ds = tvd.ImageFolder(str(root / "caltech101" / "101_ObjectCategories"), is_valid_file=lambda p: p.endswith(".jpg"),
+                         allow_empty=True)
+    files, labels = listed_items(ds, root)
+    return Data(ds, files, cb_classnames()["caltech101"], cb_templates()["caltech101"], labels=labels,
+                n_found=len(ds.classes))
 
 
 def read_flickr30k(root, args, task):
@@ -185,7 +246,12 @@ def read_flickr30k(root, args, task):
 def read_mscoco(root, args, task):
     # Karpathy 5k test in COCO annotation format; images in order of id (as torchvision's CocoCaptions), and all
     # captions kept (some images have 6-7), as CLIP_benchmark. deviation: parsed with json, no pycocotools needed.
-    ann = json.loads((root / "coco_test_karpathy.json").read_text(encoding="utf-8"))
+    path = root / "coco_test_karpathy.json"
+    ann = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(ann, dict) and "annotations" not in ann and ann.get("dataset") == "coco":
+        raise DataError(f"{path}: this is Karpathy's dataset_coco.json (all splits, 5 captions per image, its own "
+                        "format), not CLIP_benchmark's Karpathy test file (COCO format, 25,010 captions); download "
+                        "coco_test_karpathy.json from github.com/mehdidc/retrieval_annotations/releases/tag/1.0.0")
     files = {im["id"]: im["file_name"] for im in ann["images"]}
     captions = {i: [] for i in sorted(files)}
     for a in ann["annotations"]:
@@ -219,7 +285,8 @@ def read_folder(root, args, task):
         templates = cb_templates()[args.templates] if args.templates in cb_templates() else read_lines(args.templates)
     elif (root / "templates.txt").is_file():
         templates = read_lines(root / "templates.txt")
-    return Data(ds, [p for p, _ in ds.samples], names, templates)
+    files, labels = listed_items(ds, root)
+    return Data(ds, files, names, templates, labels=labels, n_found=len(ds.classes))
 
 
 def read_csv(root, args, task):
@@ -239,48 +306,61 @@ class Task:
     split: str  # which images are scored
     path: str = ""  # fixed location (example and user tasks); else <dataset-root>/<name>
     download: bool = False  # torchvision can download it (--download)
+    n_images: int = 0  # the split's known size (check_counts); 0 = any (example and user tasks)
+    n_classes: int = 0  # the number of class names it is scored with; 0 = any
+    n_texts: int = 0  # retrieval: the split's caption count; 0 = any
 
 
 CLS, RET = "zeroshot_classification", "zeroshot_retrieval"
 
 
-def tv(name, layout, scored, download=True, **kwargs) -> Task:
-    """A torchvision classification set (see torchvision_set); kwargs go to the torchvision class."""
-    return Task(CLS, torchvision_set(name, **kwargs), layout, scored, download=download)
+def tv(name, layout, scored, n_images, n_classes, download=True, cb_names=False, fix=None, **kwargs) -> Task:
+    """A torchvision classification set (see torchvision_set) of a known size; kwargs go to the torchvision class."""
+    return Task(CLS, torchvision_set(name, download, cb_names, fix, **kwargs), layout, scored, download=download,
+                n_images=n_images, n_classes=n_classes)
 
 
 no_sep = lambda c: c.replace("_", " ")  # noqa: E731
 TASKS = {
     "imagenet1k": Task(CLS, read_imagenet, "ILSVRC2012_devkit_t12.tar.gz and ILSVRC2012_img_val.tar (from "
-                       "image-net.org; torchvision unpacks them on first use)", "val, 50,000"),
-    "cifar10": tv("CIFAR10", "cifar-10-batches-py/", "test, 10,000", train=False),
-    "cifar100": tv("CIFAR100", "cifar-100-python/", "test, 10,000", train=False),
-    "stl10": tv("STL10", "stl10_binary/", "test, 8,000", split="test"),
-    "food101": tv("Food101", "food-101/", "test, 25,250", fix=no_sep, split="test"),
+                       "image-net.org; torchvision unpacks them on first use; needs scipy)", "val, 50,000",
+                       n_images=50_000, n_classes=1000),
+    "cifar10": tv("CIFAR10", "cifar-10-batches-py/", "test, 10,000", 10_000, 10, train=False),
+    "cifar100": tv("CIFAR100", "cifar-100-python/", "test, 10,000", 10_000, 100, train=False),
+    "stl10": tv("STL10", "stl10_binary/", "test, 8,000", 8_000, 10, split="test"),
+    "food101": tv("Food101", "food-101/ (images/, meta/)", "test, 25,250", 25_250, 101, fix=no_sep, split="test"),
     "caltech101": Task(CLS, read_caltech101, "caltech101/101_ObjectCategories/<class>/*.jpg",
-                       "whole dataset incl. BACKGROUND_Google, 9,144 (no split, as CLIP_benchmark)", download=True),
-    "pets": tv("OxfordIIITPet", "oxford-iiit-pet/", "test, 3,669", split="test"),
-    "flowers": tv("Flowers102", "flowers-102/ (needs scipy)", "test, 6,149", cb_names=True, split="test"),
-    "dtd": tv("DTD", "dtd/dtd/", "test (partition 1), 1,880", split="test"),
-    "fgvc_aircraft": tv("FGVCAircraft", "fgvc-aircraft-2013b/", "test, 3,333, 100 variants", split="test",
-                        annotation_level="variant"),
+                       "whole dataset incl. BACKGROUND_Google, 9,144 (no split, as CLIP_benchmark)", download=True,
+                       n_images=9_144, n_classes=102),
+    "pets": tv("OxfordIIITPet", "oxford-iiit-pet/ (images/, annotations/)", "test, 3,669", 3_669, 37, split="test"),
+    "flowers": tv("Flowers102", "flowers-102/ (jpg/, imagelabels.mat, setid.mat; needs scipy)", "test, 6,149", 6_149,
+                  102, cb_names=True, split="test"),
+    # torchvision's DTD reads <its root>/dtd/dtd/: the tarball dtd-r1.0.1.tar.gz unpacks to one dtd/ folder, so it is
+    # extracted into <dataset-root>/dtd/dtd/, giving <dataset-root>/dtd/dtd/dtd/images
+    "dtd": tv("DTD", "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/test1.txt (extract dtd-r1.0.1.tar.gz into "
+              "the dtd/ folder inside it)", "test (partition 1), 1,880", 1_880, 47, split="test"),
+    "fgvc_aircraft": tv("FGVCAircraft", "fgvc-aircraft-2013b/data/", "test, 3,333, 100 variants", 3_333, 100,
+                        split="test", annotation_level="variant"),
     "cars": tv("StanfordCars", "stanford_cars/ with devkit/, cars_test/, cars_test_annos_withlabels.mat (needs "
-               "scipy; torchvision's download link is dead)", "test, 8,041", download=False, split="test"),
-    "sun397": tv("SUN397", "SUN397/", "whole dataset, 108,754 (no split, as CLIP_benchmark)",
+               "scipy; torchvision's download link is dead)", "test, 8,041", 8_041, 196, download=False,
+               split="test"),
+    "sun397": tv("SUN397", "SUN397/ (ClassName.txt, <letter>/<class>/sun_*.jpg)",
+                 "whole dataset, 108,754 (no split, as CLIP_benchmark)", 108_754, 397,
                  fix=lambda c: c.replace("_", " ").replace("/", " ")),
     "flickr30k": Task(RET, read_flickr30k, "the Flickr30k images (*.jpg) and flickr30k_test_karpathy.txt (from "
                       "github.com/mehdidc/retrieval_annotations/releases/tag/1.0.0)",
-                      "Karpathy test, 1,000 images, 5,000 captions"),
+                      "Karpathy test, 1,000 images, 5,000 captions", n_images=1_000, n_texts=5_000),
     "mscoco_captions": Task(RET, read_mscoco, "val2014/*.jpg (images.cocodataset.org/zips/val2014.zip) and "
                             "coco_test_karpathy.json (github.com/mehdidc/retrieval_annotations/releases/tag/1.0.0)",
-                            "Karpathy test, 5,000 images, all 25,010 captions"),
+                            "Karpathy test, 5,000 images, all 25,010 captions", n_images=5_000, n_texts=25_010),
     # more CLIP_benchmark classification sets that torchvision reads
-    "eurosat": tv("EuroSAT", "eurosat/2750/", "whole dataset, 27,000 (no split, as CLIP_benchmark)", cb_names=True),
-    "gtsrb": tv("GTSRB", "gtsrb/", "test, 12,630", cb_names=True, split="test"),
-    "country211": tv("Country211", "country211/", "test, 21,100", cb_names=True, split="test"),
-    "pcam": tv("PCAM", "pcam/*.h5 (needs h5py)", "test, 32,768", cb_names=True, split="test"),
-    "mnist": tv("MNIST", "MNIST/raw/", "test, 10,000", cb_names=True, train=False),
-    "renderedsst2": tv("RenderedSST2", "rendered-sst2/", "test, 1,821", split="test"),
+    "eurosat": tv("EuroSAT", "eurosat/2750/", "whole dataset, 27,000 (no split, as CLIP_benchmark)", 27_000, 10,
+                  cb_names=True),
+    "gtsrb": tv("GTSRB", "gtsrb/", "test, 12,630", 12_630, 43, cb_names=True, split="test"),
+    "country211": tv("Country211", "country211/", "test, 21,100", 21_100, 211, cb_names=True, split="test"),
+    "pcam": tv("PCAM", "pcam/*.h5 (needs h5py)", "test, 32,768", 32_768, 2, cb_names=True, split="test"),
+    "mnist": tv("MNIST", "MNIST/raw/", "test, 10,000", 10_000, 10, cb_names=True, train=False),
+    "renderedsst2": tv("RenderedSST2", "rendered-sst2/", "test, 1,821", 1_821, 2, split="test"),
     # the shipped example splits (examples/emoji, see its README)
     "emoji_zeroshot": Task(CLS, read_folder, "examples/make_emoji.py's output", "zeroshot/, all images",
                            path=str(HERE / "examples" / "emoji" / "zeroshot")),
@@ -321,19 +401,82 @@ def task_root(name, task, args) -> Path:
     return Path(root.format(dataset=name) if "{dataset}" in root else os.path.join(root, name))
 
 
-def read_task(name, task, args):
-    """(Data, None) or (None, reason it was skipped): what is missing and what to put where, or (DataError) what is
-    wrong in the data and how to fix it. Either way the other tasks are still evaluated."""
+def open_task(name, task, args) -> Data:
+    """The task's data, read and checked (check_counts). Every problem with it is a DataError that names the path,
+    what is wrong and the fix: missing, a file where a folder belongs, or any exception the reader raises (torchvision
+    raises RuntimeError, ValueError, OSError, KeyError, ...; a failed --download too, whose empty folders are
+    removed). Image files are decoded later, in Transformed, which turns their errors into DataError as well."""
     root = task_root(name, task, args)
+    download = args.download and task.download
+    fix = f"put {task.layout} in {root}" + (", or pass --download" if task.download and not args.download else "")
+    if not root.exists() and not download:
+        found = next(p for p in root.absolute().parents if p.exists())
+        where = f" ({found} is a file)" if found.is_file() else ""
+        raise DataError(f"{root} does not exist{where}; {fix}")
+    if root.is_file() and task.read is not read_csv:
+        raise DataError(f"{root} is a file, not a folder; {fix}")
+    new = [p for p in (root.absolute(), *root.absolute().parents) if not p.exists()]  # what a download creates
     try:
-        if not root.exists() and not args.download:
-            raise FileNotFoundError(f"{root} does not exist")
-        return task.read(root, args, name), None
-    except DataError as e:  # the data is there but malformed: its message names the file, the row and the fix
-        return None, f"{name}: {e}"
-    except (FileNotFoundError, RuntimeError, ImportError, ValueError) as e:  # torchvision: RuntimeError, ValueError
-        fix = f"Put {task.layout} in {root}" + (", or pass --download" if task.download and not args.download else "")
-        return None, f"{name}: no usable data at {root} ({type(e).__name__}: {e}). {fix}"
+        data = task.read(root, args, name)
+    except DataError:
+        raise
+    except Exception as e:  # the reader's error, whatever its type, is about this task's data
+        for folder in new:  # --download without a network leaves empty folders: remove those, never a file
+            remove_empty_folders(folder)
+        what = "the download failed" if download else "cannot read it"
+        raise DataError(f"{root}: {what} ({type(e).__name__}: {one_line(e)}); {fix}") from None
+    data.partial = check_counts(name, task, data, root, args.partial)
+    return data
+
+
+def remove_empty_folders(folder: Path):
+    """Remove `folder` if it holds nothing but empty folders."""
+    if folder.is_dir():
+        for sub, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):  # deepest first
+            if not os.listdir(sub):
+                os.rmdir(sub)
+
+
+def check_counts(name, task, data: Data, root, partial=False) -> str:
+    """What was read against what the task should be. A class count that differs from the names it is scored with
+    (labels would pair images with the wrong names) is a DataError. An image or caption count that differs from
+    the split's known size is a DataError too, or with --partial the reason the result is marked partial."""
+    if task.kind == CLS:
+        C = len(data.classnames)
+        if task.n_classes and C != task.n_classes:  # names from the data (CLIP_benchmark's lists have the count)
+            raise DataError(f"{root}: the data defines {C} classes, {name} has {task.n_classes} (a class folder, or "
+                            "lines of a split or label file, missing), so labels would point at the wrong names; "
+                            f"put back the complete set ({task.layout})")
+        if data.n_found and data.n_found != C:
+            raise DataError(f"{root}: the data defines {data.n_found} classes (class folders or label files), "
+                            f"scored with {C} names, so labels would point at the wrong names; put back the "
+                            f"missing classes ({task.layout})")
+        if data.labels and not 0 <= min(data.labels) <= max(data.labels) < C:
+            raise DataError(f"{root}: labels range over [{min(data.labels)}, {max(data.labels)}], outside the {C} "
+                            f"classes; {task.layout} is damaged")
+    n = len(data.images)
+    found = [f"{n:,} images" if task.n_images and n != task.n_images else ""]
+    if task.kind == RET:
+        n_texts = sum(map(len, data.captions))
+        found.append(f"{n_texts:,} captions" if task.n_texts and n_texts != task.n_texts else "")
+    found = " and ".join(filter(None, found))
+    if not found:
+        return ""
+    reason = f"read {found}, the split ({task.split}) has {task.n_images:,} images"
+    if task.kind == RET and task.n_texts:
+        reason += f" and {task.n_texts:,} captions"
+    if partial:
+        return reason
+    raise DataError(f"{root}: {reason}; complete the set ({task.layout}), or pass --partial to score what is there "
+                    "(marked partial, left out of the means)")
+
+
+def read_task(name, task, args):
+    """(Data, None), or (None, the one-line reason it cannot be evaluated): open_task for callers that go on."""
+    try:
+        return open_task(name, task, args), None
+    except DataError as e:
+        return None, f"{name}: {one_line(e)}"
 
 
 # ---------------------------------------------------------------------------- embedding and caching
@@ -396,9 +539,10 @@ def cached(path: Path, compute):
     return value
 
 
-def encode_images(encoder: Encoder, images, args, desc) -> dict:
-    """{"features": (N, D) raw encoder features, "labels": (N,)}, in dataset order."""
-    loader = torch.utils.data.DataLoader(Transformed(images, encoder.transform), batch_size=args.batch_size,
+def encode_images(encoder: Encoder, images, args, desc, files=()) -> dict:
+    """{"features": (N, D) raw encoder features, "labels": (N,)}, in dataset order. files: (N,) the image paths, named
+    by the DataError a bad image raises."""
+    loader = torch.utils.data.DataLoader(Transformed(images, encoder.transform, files), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=args.device.startswith("cuda"))
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", disable=desc is None):  # desc None: no bar (load_aligner)
@@ -562,14 +706,28 @@ def modality_gap(image_emb, text_emb, pair_image, pair_text) -> dict:
 
 
 # ---------------------------------------------------------------------------- evaluation
+def image_features(model: Model, name, task, data: Data, args) -> dict:
+    """encode_images of the task's images, cached. The key covers everything the cached features and labels depend
+    on: the image encoder, the ordered image files (path, size, mtime; a binary set's files), the labels the reader
+    took from its split and label files, the split and the root. Editing a split file changes the images listed or
+    their labels, so it misses the cache; so does a replaced image."""
+    root = str(task_root(name, task, args).resolve())
+    # "v3": v2 (large JPEGs decoded at reduced size, Image.draft in rgb_first) + labels and every set's files
+    key = fingerprint(["v3", name, root, task.split, len(data.images), model.specs["image"], data.labels],
+                      data.files)
+    return cached(Path(args.cache_dir) / "eval" / f"{slug(name)}-image-{key}.pt",
+                  lambda: encode_images(model.encoder("image"), data.images, args, f"{name} images", data.files))
+
+
 def evaluate_task(model: Model, name, task, data: Data, args) -> dict:
     cache = Path(args.cache_dir) / "eval"
-    root = str(task_root(name, task, args).resolve())
-    # "v2": large JPEGs are decoded at reduced size (Image.draft in rgb_first) since the extraction changes
-    key = fingerprint(["v2", name, root, task.split, len(data.images), model.specs["image"]], data.files)
-    raw = cached(cache / f"{slug(name)}-image-{key}.pt",
-                 lambda: encode_images(model.encoder("image"), data.images, args, f"{name} images"))
+    raw = image_features(model, name, task, data, args)
     image_emb, labels = embed(model, "image", raw["features"]), raw["labels"].to(args.device)
+    if task.kind == CLS and data.labels is None and len(labels):  # a reader that lists no labels: check them now
+        low, high = labels.min().item(), labels.max().item()
+        if not 0 <= low <= high < len(data.classnames):
+            raise DataError(f"{task_root(name, task, args)}: labels range over [{low}, {high}], outside the "
+                            f"{len(data.classnames)} classes; {task.layout} is damaged")
     if task.kind == CLS:
         texts = [fill(t, c) for c in data.classnames for t in data.templates]  # (C*T,) class-major
     else:
@@ -589,7 +747,7 @@ def evaluate_task(model: Model, name, task, data: Data, args) -> dict:
         captions = torch.arange(len(text_image), device=args.device)
         metrics.update(modality_gap(image_emb, text_emb, text_image, captions))
         info = {"n_images": len(image_emb), "n_texts": len(text_image)}
-    return {"split": task.split, **info, "metrics": metrics}
+    return {"split": task.split, **info, **({"partial": data.partial} if data.partial else {}), "metrics": metrics}
 
 
 def main_metric(result):
@@ -615,7 +773,37 @@ def print_table(results):
             continue
         m = r["metrics"]
         cells = ["" if m.get(c) is None else f"{m[c]:.3f}" if c in cols[-2:] else f"{100 * m[c]:.2f}" for c in cols]
-        print(f"{r['dataset']:<{width}} {r['n_images']:>7} " + " ".join(f"{c:>6}" for c in cells))
+        note = f"   partial: {r['partial']}" if r.get("partial") else ""
+        print(f"{r['dataset']:<{width}} {r['n_images']:>7} " + " ".join(f"{c:>6}" for c in cells) + note)
+
+
+def run_task(model: Model, name, task, args) -> dict:
+    """One task inside the guard every task runs in: its JSON row, with "metrics", or "skipped" and the one-line
+    reason when anything is wrong with its data (open_task and Transformed raise all of that as DataError). The
+    caller goes on with the next task either way. Any other exception is a bug in this file: its traceback."""
+    row = {"dataset": name, "task": task.kind, "model": model.name, "language": "en"}
+    t0 = time.perf_counter()
+    try:
+        row.update(evaluate_task(model, name, task, open_task(name, task, args), args))
+    except DataError as e:
+        row["skipped"] = f"{name}: {one_line(e)}"
+        print(f"[evaluate] skipped {row['skipped']}", file=sys.stderr, flush=True)
+        return row
+    row["metrics"] = no_nan(row["metrics"])
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def report(model: Model, args, results, complete) -> dict:
+    """The JSON of a run: its rows and the means over the full (not skipped, not partial) results."""
+    done = [r for r in results if "metrics" in r and not r.get("partial")]
+    scores = {r["dataset"]: main_metric(r) for r in done}
+    mean = {"main_metric": "acc1 (classification), mean of i2t_R@1 and t2i_R@1 (retrieval)",
+            "tasks": len(scores), "mean": sum(scores.values()) / len(scores) if scores else None,
+            "clip14": sum(scores[n] for n in CLIP14) / 14 if set(CLIP14) <= set(scores) else None}
+    return {"model": model.name, "image_encoder": model.specs["image"], "text_encoder": model.specs["text"],
+            "device": args.device, "torch": torch.__version__, "args": asdict(args), "complete": complete,
+            "results": results, "mean": mean}
 
 
 def main(argv=None) -> dict:
@@ -623,48 +811,48 @@ def main(argv=None) -> dict:
     check_folder(args.cache_dir, "--cache-dir")  # before any work: where the features and the results go
     if args.output:
         check_folder(Path(args.output).parent, "--output")
+    tasks = resolve_tasks(args.tasks)
+    if not tasks:
+        raise DataError(f"--tasks {args.tasks!r} names no task; e.g. --tasks clip14 or --tasks emoji")
     # TF32 stays off on purpose: the frozen encoders already run under bf16 autocast (shared block), and the
     # cosine scores that decide ranks are kept in full fp32 so TF32 rounding cannot reorder near-ties.
     model = load_model(args)
-    results = []
-    for name, task in resolve_tasks(args.tasks).items():
-        row = {"dataset": name, "task": task.kind, "model": model.name, "language": "en"}
-        data, skipped = read_task(name, task, args)
-        if skipped:
-            print(f"[evaluate] skipped {skipped}", file=sys.stderr, flush=True)
-            results.append({**row, "skipped": skipped})
-            continue
-        t0 = time.perf_counter()
-        row.update(evaluate_task(model, name, task, data, args))
-        row["metrics"] = no_nan(row["metrics"])
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        results.append(row)
-    done = [r for r in results if "metrics" in r]
-    scores = {r["dataset"]: main_metric(r) for r in done}
-    mean = {"main_metric": "acc1 (classification), mean of i2t_R@1 and t2i_R@1 (retrieval)",
-            "tasks": len(scores), "mean": sum(scores.values()) / len(scores) if scores else None,
-            "clip14": sum(scores[n] for n in CLIP14) / 14 if set(CLIP14) <= set(scores) else None}
-    out = {"model": model.name, "image_encoder": model.specs["image"], "text_encoder": model.specs["text"],
-           "device": args.device, "torch": torch.__version__, "args": asdict(args),
-           "results": results, "mean": mean}
     output = Path(args.output or (Path(args.aligner).parent / "eval.json" if args.aligner else
                                   Path("results") / f"eval_{slug(model.name)}.json"))
-    atomic_save(out, output)
+    results = []
+    for name, task in tasks.items():
+        results.append(run_task(model, name, task, args))
+        out = report(model, args, results, complete=len(results) == len(tasks))
+        atomic_save(out, output)  # after every task: an interrupted run keeps the tasks it finished
     print_table(results)
+    done = [r for r in results if "metrics" in r]
     parts = [f"{r['dataset']} acc1 {100 * r['metrics']['acc1']:.2f}" if r["task"] == CLS else
              f"{r['dataset']} i2t_R@1 {100 * r['metrics']['i2t_R@1']:.2f} t2i_R@1 {100 * r['metrics']['t2i_R@1']:.2f}"
              for r in done]
-    skipped = len(results) - len(done)
-    summary = " | ".join(parts + ([f"mean {100 * mean['mean']:.2f} over {len(done)} tasks"] if done else [])
+    parts = [p + (" (partial)" if r.get("partial") else "") for p, r in zip(parts, done)]
+    mean, skipped, partial = out["mean"], len(results) - len(done), sum(bool(r.get("partial")) for r in done)
+    means = [f"mean {100 * mean['mean']:.2f} over {mean['tasks']} tasks"] if mean["tasks"] else []
+    summary = " | ".join(parts + means
                          + ([f"clip14 mean {100 * mean['clip14']:.2f}"] if mean["clip14"] is not None else [])
-                         + ([f"{skipped} skipped"] if skipped else []))
+                         + ([f"{partial} partial"] if partial else []) + ([f"{skipped} skipped"] if skipped else []))
     print(f"eval ({model.name}) | {summary} | -> {output}")
+    if args.strict and skipped:
+        raise DataError(f"--strict: {skipped} of {len(results)} tasks skipped "
+                        f"({', '.join(r['dataset'] for r in results if 'skipped' in r)}; reasons above and in "
+                        f"{output}, which holds the others)")
     return {**out, "summary": summary}  # the one line sma.py / sotalign.py --eval end their run with
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: main(), and its exit status. A user error (DataError: a bad flag or file, or a skip under
+    --strict) is one line on stderr and status 2; any other exception is a bug: its traceback."""
     try:
-        main()
-    except DataError as e:  # a user error is one line and status 2; any other exception is a bug: its traceback
+        main(argv)
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

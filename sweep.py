@@ -251,10 +251,7 @@ def load_tasks(spec, common, cache_dir):
             raise UserError(f"--heldout: {skipped}")
         cache = Path(cache_dir) / "eval"
         root = str(evaluate.task_root(name, task, eargs).resolve())
-        key = evaluate.fingerprint([name, root, task.split, len(data.images), common["image_encoder"]], data.files)
-        raw = evaluate.cached(cache / f"{evaluate.slug(name)}-image-{key}.pt",  # the key evaluate_task uses
-                              lambda: evaluate.encode_images(model.encoder("image"), data.images, eargs,
-                                                             f"{name} images"))
+        raw = evaluate.image_features(model, name, task, data, eargs)  # evaluate.py's cache and key
         if task.kind == evaluate.CLS:
             texts = [evaluate.fill(t, c) for c in data.classnames for t in data.templates]
         else:
