@@ -112,7 +112,7 @@ class Args:
     beta1: float = arg(0.9, "first beta of Lion / AdamW (the authors' 0.9)", ge=0)
     beta2: float = arg(0.99, "second beta of Lion / AdamW (the authors' 0.99)", ge=0)
     wd: float = arg(1e-5, "weight decay, decoupled (the authors' 1e-5)", ge=0)
-    warmup: float = arg(0.1, "fraction of the steps with linear warm-up, then cosine decay (the authors' 10%)", ge=0)
+    warmup: float = arg(0.1, "fraction of the steps with linear warm-up, then cosine decay (the authors' 0.1)", ge=0)
     seed: int = arg(0, "seed of the head initialisation and the data order")
     out: str = arg("runs/sotalign", "output folder")
     overwrite: bool = arg(False, "replace a finished or started run in --out (refused without it)")
