@@ -5,7 +5,9 @@ A FROZEN image encoder and a FROZEN text encoder are aligned by two light heads 
 image-text pairs plus unpaired images and unpaired texts. Stage 1 fits a closed-form linear teacher on the pairs
 (regularised CCA by default). Stage 2 trains f, g with SigLIP on the pairs plus lambda * KLOT(K, K*) on unpaired
 batches: the KL divergence between the entropic OT plans of the teacher similarity K* and the student similarity K.
-KLOT is as published; our readings are tagged (`# not specified in the paper`, `# deviation:`), see docs/SOTAlign.md.
+KLOT is as published; defaults are the authors' (Lion, lr 1e-4, lambda 1e-4, eps 0.05 / 0.005, SigLIP mean-normalised
+from scale 20, bias -10); our readings are tagged (`# not specified in the paper`, `# deviation:`), see docs/SOTAlign.md
+and, component by component against the authors' code, docs/FAITHFULNESS.md.
 
 Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
   python sotalign.py --pairs pairs.csv --unpaired-images DIR_OR_CSV --unpaired-texts TXT_OR_CSV   # DINOv2-L + GTE

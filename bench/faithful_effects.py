@@ -118,7 +118,8 @@ def main():
     g_old = torch.autograd.grad(old, x)[0].norm().item()
     g_new = torch.autograd.grad(new, x)[0].norm().item()
     L += ["## 1. SigLIP's normalisation (N = n = m = 128, d = 128, random unit vectors, scale 20, bias -10)", "",
-          f"- value: our first form {old.item():.4g}, the authors' mean {new.item():.4g}: ratio {old.item() / new.item():.0f}",
+          f"- value: our first form {old.item():.4g}, the authors' mean {new.item():.4g}: ratio "
+          f"{old.item() / new.item():.0f}",
           f"- gradient norm w.r.t. the paired images: ratio {g_old / g_new:.0f} (N + M = 256; the pairs-only block "
           "would give N = 128)", ""]
 
@@ -218,7 +219,8 @@ def main():
     for name, change in variants:
         results, scales = [], []
         for seed in range(3):
-            args = so.Args(pairs="-", dim=128, overwrite=True, head_layers=1, paired_batch=change.get("paired_batch", 128),
+            args = so.Args(pairs="-", dim=128, overwrite=True, head_layers=1,
+                           paired_batch=change.get("paired_batch", 128),
                            steps=300, lr=change.get("lr", 3e-4), optimizer=change.get("optimizer", "lion"),
                            wd=change.get("wd", 1e-5), tau=change.get("tau", 0.0), seed=seed, out=common["tmp"],
                            device="cpu", compile=False, log_every=10 ** 9, ckpt_every=10 ** 9)

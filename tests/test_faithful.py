@@ -74,7 +74,8 @@ def marginal_errors(P, a, b):
 
 @pytest.mark.parametrize("iters", [1, 3, 10])
 def test_symmetrised_half_step_is_the_official_one_in_our_update_order(iters):
-    """Ours updates columns then rows (POT's order), theirs rows then columns: ours on C is theirs on C^T, transposed."""
+    """Ours updates columns then rows (POT's order), theirs rows then columns: ours on C is theirs on C^T,
+    transposed."""
     g = torch.Generator().manual_seed(iters)
     C = torch.rand(6, 4, generator=g, dtype=torch.float64)
     a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, torch.rand(4, generator=g, dtype=torch.float64) + 0.5
