@@ -627,6 +627,13 @@ def load_aligner(path, device=None, batch_size=256) -> Aligner:
 
 
 # ---------------------------------------------------------------------------- metrics (pure functions)
+def weighted_by(image_emb, weights=None) -> torch.Tensor:
+    """The image embeddings an aligner's score is the dot product of: CSA's exports carry weights rho, for its score
+    s(x, y) = sum_i rho_i xh_i yh_i of unit xh, yh (Li et al. 2025, weighted_corr_sim); the others none (the cosine).
+    image_emb: (N, D) unit rows; weights: (D,) or None. The modality gap is measured on the unweighted rows."""
+    return image_emb if weights is None else image_emb * weights.to(image_emb)
+
+
 def zeroshot_classifier(prompt_emb: torch.Tensor) -> torch.Tensor:
     """Class vectors from prompt embeddings, as CLIP: w_c = normalize(mean_t normalize(e_ct)).
 
@@ -728,6 +735,7 @@ def evaluate_task(model: Model, name, task, data: Data, args) -> dict:
         if not 0 <= low <= high < len(data.classnames):
             raise DataError(f"{task_root(name, task, args)}: labels range over [{low}, {high}], outside the "
                             f"{len(data.classnames)} classes; {task.layout} is damaged")
+    scored = weighted_by(image_emb, model.info.get("score_weights"))  # what the ranking uses (CSA: rho-weighted)
     if task.kind == CLS:
         texts = [fill(t, c) for c in data.classnames for t in data.templates]  # (C*T,) class-major
     else:
@@ -738,12 +746,12 @@ def evaluate_task(model: Model, name, task, data: Data, args) -> dict:
     text_emb = embed(model, "text", text_raw)
     if task.kind == CLS:
         class_emb = zeroshot_classifier(text_emb.view(len(data.classnames), len(data.templates), -1))  # (C, D)
-        metrics = classification_metrics(image_emb, class_emb, labels)
+        metrics = classification_metrics(scored, class_emb, labels)
         metrics.update(modality_gap(image_emb, class_emb, torch.arange(len(labels), device=args.device), labels))
         info = {"n_images": len(labels), "n_classes": len(data.classnames), "n_templates": len(data.templates)}
     else:
         text_image = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps], device=args.device)
-        metrics = retrieval_metrics(image_emb, text_emb, text_image)
+        metrics = retrieval_metrics(scored, text_emb, text_image)
         captions = torch.arange(len(text_image), device=args.device)
         metrics.update(modality_gap(image_emb, text_emb, text_image, captions))
         info = {"n_images": len(image_emb), "n_texts": len(text_image)}

@@ -5,7 +5,9 @@ A FROZEN image encoder and a FROZEN text encoder are aligned by two light heads 
 image-text pairs plus unpaired images and unpaired texts. Stage 1 fits a closed-form linear teacher on the pairs
 (regularised CCA by default). Stage 2 trains f, g with SigLIP on the pairs plus lambda * KLOT(K, K*) on unpaired
 batches: the KL divergence between the entropic OT plans of the teacher similarity K* and the student similarity K.
-KLOT is as published; our readings are tagged (`# not specified in the paper`, `# deviation:`), see docs/SOTAlign.md.
+KLOT is as published; defaults are the authors' (Lion, lr 1e-4, lambda 1e-4, eps 0.05 / 0.005, SigLIP mean-normalised
+from scale 20, bias -10); our readings are tagged (`# not specified in the paper`, `# deviation:`), see docs/SOTAlign.md
+and, component by component against the authors' code, docs/FAITHFULNESS.md.
 
 Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
   python sotalign.py --pairs pairs.csv --unpaired-images DIR_OR_CSV --unpaired-texts TXT_OR_CSV   # DINOv2-L + GTE
@@ -20,9 +22,10 @@ Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/swee
   (bench/sotalign_sinkhorn_gpu.md).
 Needs: plumbing.py beside it (readers, encoders, heads, checkpoints); evaluate.py for --eval.
 """
+import copy
 import csv
-import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -54,6 +57,7 @@ from plumbing import (AffineHead, DataError, Encoder, Gather, arg, atomic_save, 
 # ---------------------------------------------------------------------------- args
 TEACHERS = ("cca", "csa", "procrustes", "ridge")
 PAIRED_LOSSES = ("siglip", "infonce")
+OPTIMIZERS = ("lion", "adamw")
 
 
 @dataclass
@@ -72,22 +76,31 @@ class Args:
     image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
     text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
     teacher: str = arg("cca", "stage-1 linear teacher (csa: CCA weighted by correlation, CSA)", choices=TEACHERS)
-    teacher_reg: float = arg(0.1, "ridge on the covariance blocks of CCA (and of ridge regression)", ge=0)
+    teacher_reg: float = arg(0.1, "ridge on the covariance blocks of CCA / CSA (and of ridge regression); 0: "
+                                  "unregularised, as CSA's CCA", ge=0)
+    eig_floor: float = arg(1e-6, "floor on the covariance eigenvalues before C^-1/2 (the authors' eig_eps); keeps "
+                                 "--teacher-reg 0 finite with fewer pairs than dimensions", gt=0)
+    teacher_captions: str = arg("rows", "what the teacher is fitted on: rows (every (image, caption) row; ours) or "
+                                        "mean (an image's captions normalised, averaged, normalised: the authors')",
+                                choices=("rows", "mean"))
     csa_dim: int = arg(0, "--teacher csa: canonical directions kept (0 = all)", ge=0)
     paired_loss: str = arg("siglip", "loss on the pairs (siglip: the authors')", choices=PAIRED_LOSSES)
     unpaired_negatives: bool = arg(False, "use the batch's unpaired images and texts as extra negatives of the paired "
-                                          "loss (the setting the authors' lambda = 1e-4 was tuned in)")
+                                          "loss (the authors' runs, in which their lambda = 1e-4 was tuned)")
     lambda_structure: float = arg(0.0, "STRUCTURE baseline: weight of the neighbourhood-preservation regulariser",
                                   ge=0)
     structure_tau: float = arg(0.05, "STRUCTURE's softmax temperature (fixed)", gt=0)
     structure_levels: int = arg(1, "STRUCTURE's random-walk levels L", ge=1)
-    # not specified for pairs-only SigLIP (the authors' 1e-4 was tuned with unpaired negatives); we use 1 (emoji set)
-    lambda_ot: float = arg(1.0, "lambda: weight of KLOT on the unpaired batches (0 = SigLIP on the pairs only)", ge=0)
+    lambda_ot: float = arg(1e-4, "lambda: weight of KLOT on the unpaired batches, against the mean-normalised paired "
+                                 "loss (the authors' 1e-4; 0 = no KLOT)", ge=0)
     eps: float = arg(0.05, "eps: entropic regularisation of the student plan P", gt=0)
     eps_teacher: float = arg(0.005, "eps*: entropic regularisation of the teacher plan P*", gt=0)
     sinkhorn_iters: int = arg(100, "log-domain Sinkhorn iterations per plan (at most)", ge=1)
     sinkhorn_tol: float = arg(1e-3, "stop Sinkhorn when both marginals are met to this L1 error (0 = never)", ge=0)
     compile: bool = arg(torch.cuda.is_available(), "torch.compile the Sinkhorn kernel (on with CUDA: bench/)")
+    tau: float = arg(0.0, "initial temperature tau = 1 / logit scale (0: CLIP's 0.07; SigLIP: 0.05, i.e. scale 20)",
+                     ge=0)
+    fixed_tau: bool = arg(False, "keep tau at its initial value instead of learning it (README, 'Temperature')")
     dim: int = arg(1024, "d: output dimension of the heads", ge=1)
     head_layers: int = arg(1, "1: LayerNorm -> Linear (the authors'); 2: + GELU -> Linear", choices=(1, 2))
     hidden: int = arg(1024, "hidden width of the heads when --head-layers 2", ge=1)
@@ -95,9 +108,13 @@ class Args:
     unpaired_batch: int = arg(1024, "unpaired images and unpaired texts per step (each)", ge=2)
     epochs: int = arg(20, "epochs over the larger unpaired set (over the pairs without unpaired data)", ge=1)
     steps: int = arg(0, "total steps (0 = from --epochs)", ge=0)
-    lr: float = arg(1e-4, "AdamW peak learning rate", gt=0)
-    wd: float = arg(1e-4, "AdamW weight decay (weights only; not biases, norms, scale)", ge=0)
-    warmup: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay", ge=0)
+    optimizer: str = arg("lion", "lion (the authors': weight decay on every parameter) or adamw (weight decay on the "
+                                 "weight matrices only)", choices=OPTIMIZERS)
+    lr: float = arg(1e-4, "peak learning rate (the authors': 1e-4 with Lion)", gt=0)
+    beta1: float = arg(0.9, "first beta of Lion / AdamW (the authors' 0.9)", ge=0)
+    beta2: float = arg(0.99, "second beta of Lion / AdamW (the authors' 0.99)", ge=0)
+    wd: float = arg(1e-5, "weight decay, decoupled (the authors' 1e-5)", ge=0)
+    warmup: float = arg(0.1, "fraction of the steps with linear warm-up, then cosine decay (the authors' 0.1)", ge=0)
     seed: int = arg(0, "seed of the head initialisation and the data order")
     out: str = arg("runs/sotalign", "output folder")
     overwrite: bool = arg(False, "replace a finished or started run in --out (refused without it)")
@@ -259,11 +276,16 @@ def draw(seed, stream, N, B, step) -> torch.Tensor:
 
 
 @torch.no_grad()
-def recall_at_1(heads, H: dict) -> dict:
-    """Retrieval R@1 of (image, text) heads on pair features H (as in main): i2t, an image's best caption is one of
-    its own; t2i, a caption's best image is its own."""
-    zi, zt = (F.normalize(h.cpu().eval()(H[m]), dim=-1) for h, m in zip(heads, ("image", "text")))  # (E, d), (C, d)
-    owner, S = torch.repeat_interleave(torch.arange(len(zi)), H["counts"]), zi @ zt.T  # (C,), (E, C)
+def recall_at_1(heads, feats: dict) -> dict:
+    """Retrieval R@1 of (image, text) heads on pair features `feats` (as in main), scored as the export is (CSA: the
+    rho-weighted product, score_weights): i2t, an image's best caption is one of its own; t2i, a caption's best image
+    is its own. Runs where the heads are: they are not moved (nor switched to eval; they have no such layers)."""
+    image_head, text_head = heads
+    device = next(itertools.chain(image_head.parameters(), image_head.buffers())).device
+    zi = score_weighted(image_head, F.normalize(image_head(feats["image"].to(device)), dim=-1))  # (E, d)
+    zt = F.normalize(text_head(feats["text"].to(device)), dim=-1)  # (C, d)
+    S = (zi @ zt.T).cpu()  # (E, C)
+    owner = torch.repeat_interleave(torch.arange(len(zi)), feats["counts"])  # (C,) each caption's entity
     return {"i2t_R@1": (owner[S.argmax(1)] == torch.arange(len(zi))).float().mean().item(),
             "t2i_R@1": (S.argmax(0) == owner).float().mean().item()}
 
@@ -271,16 +293,21 @@ def recall_at_1(heads, H: dict) -> dict:
 # ---------------------------------------------------------------------------- model / heads
 # The teacher's heads are evaluate.py's AffineHead, z = (x / ||x|| - mu) W, so that evaluate.py loads teacher.pt.
 class Heads(nn.Module):
-    """Trainable, fp32: f, g = LayerNorm -> Linear (d) (the authors'; --head-layers 2: MLP), the logit scale and
+    """Trainable, fp32: f, g = LayerNorm -> Linear (d) (the authors'; --head-layers 2: MLP), the logit scale 1/tau and
     (SigLIP) bias."""
 
     def __init__(self, di, dt, args: Args):
         super().__init__()
         self.image_head = make_head("mlp", di, args.dim, args.hidden, args.head_layers)
         self.text_head = make_head("mlp", dt, args.dim, args.hidden, args.head_layers)
-        siglip = args.paired_loss == "siglip"  # SigLIP's init 10, -10 (Zhai et al. 2023); InfoNCE: CLIP's 1/0.07
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if siglip else 1 / 0.07)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+        for layer in self.modules():  # the authors' init (AlignmentLayer._initialize_weights): Xavier, zero biases
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        # SigLIP: scale 20, bias -10 as the authors' runs (scripts/ot_train.sh) and SAIL; InfoNCE: CLIP's tau = 0.07
+        tau = args.tau or (1 / 20 if args.paired_loss == "siglip" else 0.07)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=not args.fixed_tau)
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if args.paired_loss == "siglip" else None
 
     def forward(self, xi, xt):
         """xi: (b, Di), xt: (b', Dt) frozen features -> L2-normalised (b, d), (b', d), scale, bias."""
@@ -297,20 +324,24 @@ def _normalise_centre(X):
     return X - X.mean(0), X.mean(0)
 
 
-def cca(X, Y, reg=0.1) -> dict:
+def cca(X, Y, reg=0.1, floor=1e-6) -> dict:
     """Regularised CCA in closed form (Hotelling 1936; ridge on both blocks as Vinod 1976), SOTAlign's teacher.
 
     Rows L2-normalised, then centred. Cxx = X^T X / n + reg I, Cyy = Y^T Y / n + reg I, Cxy = X^T Y / n.
     Cxx^{-1/2} Cxy Cyy^{-1/2} = U diag(rho) V^T (thin SVD); W_x = Cxx^{-1/2} U (Dx, k), W_y = Cyy^{-1/2} V (Dy, k),
     all k = min(Dx, Dy) components kept, not weighted by rho (docs/SOTAlign.md), except those with rho = 0 when n < D.
     rho (k,): the canonical correlations, descending; rho_i^2 are the eigenvalues of Cxx^{-1} Cxy Cyy^{-1} Cyx.
+    C^{-1/2} from eigenvalues raised to at least `floor`, as the authors' teacher (optimal_transport/similarity.py,
+    CCA.fit, eig_eps 1e-6): reg = 0 with n <= D (singular C) stays finite. They divide by n - 1, we by n (the
+    same as reg * (n - 1) / n: docs/FAITHFULNESS.md).
     """
     (X, mx), (Y, my), n = _normalise_centre(X), _normalise_centre(Y), len(X)
 
-    def inv_sqrt(C):  # C symmetric positive definite
+    def inv_sqrt(C):  # C symmetric positive semi-definite
         e, Q = torch.linalg.eigh(C)
-        return (Q * e.rsqrt()) @ Q.T
-    Sx, Sy = (inv_sqrt(A.T @ A / n + reg * torch.eye(A.shape[1], dtype=A.dtype)) for A in (X, Y))
+        return (Q * e.clamp_min(floor).rsqrt()) @ Q.T
+    Sx = inv_sqrt(X.T @ X / n + reg * torch.eye(X.shape[1], dtype=X.dtype))  # (Dx, Dx)
+    Sy = inv_sqrt(Y.T @ Y / n + reg * torch.eye(Y.shape[1], dtype=Y.dtype))  # (Dy, Dy)
     U, rho, Vh = torch.linalg.svd(Sx @ (X.T @ Y / n) @ Sy, full_matrices=False)
     k = int((rho > 1e-9 * rho[0]).sum())  # not specified in the paper; we drop rho = 0 (n < D): arbitrary bases
     return {"mu_x": mx, "W_x": Sx @ U[:, :k], "mu_y": my, "W_y": Sy @ Vh[:k].T, "rho": rho[:k]}
@@ -327,42 +358,63 @@ def procrustes(X, Y, reg=0.0) -> dict:
 def ridge(X, Y, reg=0.1) -> dict:
     """Ridge regression from image to text features, on L2-normalised, centred rows:
     W = (X^T X / n + reg I)^{-1} X^T Y / n  (Dx, Dy), the minimiser of ||X W - Y||^2 / n + reg ||W||^2.
-    Text side: the identity."""
+    Text side: the identity. Least squares, so reg = 0 with n <= D gives the minimum-norm solution, not an error."""
     (X, mx), (Y, my) = _normalise_centre(X), _normalise_centre(Y)
-    W = torch.linalg.solve(X.T @ X + len(X) * reg * torch.eye(X.shape[1], dtype=X.dtype), X.T @ Y)
+    W = torch.linalg.lstsq(X.T @ X + len(X) * reg * torch.eye(X.shape[1], dtype=X.dtype), X.T @ Y).solution
     return {"mu_x": mx, "W_x": W, "mu_y": my, "W_y": torch.eye(Y.shape[1], dtype=Y.dtype)}
 
 
-def csa(X, Y, reg=0.1, dim=0) -> dict:
-    """CSA (Li, Chinchali, Topcu, ICLR 2025), SMA's training-free baseline: CCA on the pairs, and a similarity that
-    weights each canonical direction by its correlation,
+def csa(X, Y, reg=0.1, dim=0, floor=1e-6) -> dict:
+    """CSA (Li, Chinchali, Topcu, ICLR 2025), SMA's training-free baseline: CCA on the pairs, scored by
 
         s(x, y) = sum_{i <= dim} rho_i xh_i yh_i,   xh = the first `dim` canonical coordinates of x, L2-normalised
-                                                    (yh likewise), rho_i the canonical correlations (see cca).
+                                                    (yh likewise), rho_i the canonical correlations (see cca)
 
-    As affine heads: W'_x = W_x[:, :dim] diag(sqrt(rho)), W'_y likewise, so <x W'_x, y W'_y> = sum_i rho_i x_i y_i.
-    # deviation: evaluate.py scores the cosine of the head outputs, i.e. s(x, y) / (||sqrt(rho) xh|| ||sqrt(rho) yh||);
-    # CSA ranks by s itself. Our CCA is regularised (reg) where theirs (cca_zoo) is not. dim = 0 keeps all.
+    (UTAustin-SwarmLab/Multi-modal-Data-Alignment, mmda/utils/sim_utils.py, weighted_corr_sim). Returns cca's dict cut
+    to the first `dim` directions (0 = all): W_x, W_y unweighted, rho the score's weights, which fit_teacher hands to
+    the export (score_weights) so that evaluate.py ranks by s itself. CSA's CCA (cca_zoo) is unregularised: reg = 0.
+    # deviation: rows are L2-normalised before centring, where CSA centres the raw features (docs/FAITHFULNESS.md).
     """
-    T = cca(X, Y, reg)
+    T = cca(X, Y, reg, floor)
     k = min(dim or len(T["rho"]), len(T["rho"]))
-    w = T["rho"][:k].sqrt()
-    return {**T, "W_x": T["W_x"][:, :k] * w, "W_y": T["W_y"][:, :k] * w, "rho": T["rho"][:k]}
+    return {**T, "W_x": T["W_x"][:, :k], "W_y": T["W_y"][:, :k], "rho": T["rho"][:k]}
 
 
 TEACHER_FITS = {"cca": cca, "csa": csa, "procrustes": procrustes, "ridge": ridge}
 
 
-def fit_teacher(P: dict, kind="cca", reg=0.1, dim=0) -> tuple:
-    """Stage 1: TEACHER_FITS[kind] on the pair features P (main's dict) -> (image, text) AffineHeads in float32,
-    z = (x / ||x|| - mu) W. dim: CSA's directions kept (0 = all; the other teachers keep all)."""
-    fit = functools.partial(csa, dim=dim) if kind == "csa" else TEACHER_FITS[kind]
-    # not specified in the paper; we use every (image, caption) row
-    T = fit(P["image"].repeat_interleave(P["counts"], 0), P["text"], reg)
+def fit_teacher(pairs: dict, kind="cca", reg=0.1, dim=0, floor=1e-6, captions="rows") -> tuple:
+    """Stage 1: TEACHER_FITS[kind] on the pair features (main's dict) -> (image, text) AffineHeads in float32,
+    z = (x / ||x|| - mu) W. dim: CSA's directions kept (0 = all; the other teachers keep all); floor: cca's.
+    captions: rows, every (image, caption) row (ours; an image with c captions counts c times); mean, one row per image
+    with its captions normalised, averaged and normalised again (the authors', roschmsi/vl-alignment-thesis@62a7c18,
+    main.py). A CSA image head carries score_weights = rho: its score is sum_i rho_i xh_i yh_i (score_weighted)."""
+    if captions == "mean":
+        owner = torch.repeat_interleave(torch.arange(len(pairs["image"])), pairs["counts"])  # (C,) each caption's image
+        summed = torch.zeros(len(pairs["image"]), pairs["text"].shape[1], dtype=torch.float64)
+        summed.index_add_(0, owner, F.normalize(pairs["text"].double(), dim=-1))  # (E, Dt)
+        X, Y = pairs["image"], F.normalize(summed / pairs["counts"][:, None], dim=-1)
+    else:
+        X, Y = pairs["image"].repeat_interleave(pairs["counts"], 0), pairs["text"]
+    if kind in ("cca", "csa"):
+        options = {"floor": floor, **({"dim": dim} if kind == "csa" else {})}
+        T = TEACHER_FITS[kind](X, Y, reg, **options)
+    else:
+        T = TEACHER_FITS[kind](X, Y, reg)
     heads = (AffineHead(*T["W_x"].shape), AffineHead(*T["W_y"].shape))
     for h, side in zip(heads, "xy"):
-        h.mu.copy_(T[f"mu_{side}"]), h.W.copy_(T[f"W_{side}"])
+        h.mu.copy_(T[f"mu_{side}"])
+        h.W.copy_(T[f"W_{side}"])
+    if kind == "csa":
+        heads[0].score_weights = T["rho"].float()  # (k,) a plain attribute: the head's state stays evaluate.py's
     return heads
+
+
+def score_weighted(image_head, zi):
+    """Normalised image embeddings zi (b, d) as the aligner's score sees them: times CSA's rho when the head carries
+    score_weights (then zi @ zt.T = sum_i rho_i xh_i yh_i), else unchanged (the cosine)."""
+    weights = getattr(image_head, "score_weights", None)
+    return zi if weights is None else zi * weights.to(zi)
 
 
 def sinkhorn_log(C, eps, a=None, b=None, iters=100, tol=0.0, symmetric=True, check_every=10, compile=False):
@@ -373,20 +425,25 @@ def sinkhorn_log(C, eps, a=None, b=None, iters=100, tol=0.0, symmetric=True, che
         g_j <- log b_j - logsumexp_i(f_i - C_ij / eps),   f_i <- log a_i - logsumexp_j(g_j - C_ij / eps).
 
     C: (..., n, m) costs, leading dims a batch of independent problems; eps: float or (...,) tensor, one per problem;
-    a: (..., n), b: (..., m) positive marginals summing to 1 (default uniform). symmetric: after the loop one more
-    column and row update, averaged with the current potentials, so that both marginals are nearly met (the authors'
-    symmetrised last half-step; # not specified in the paper; we use this reading of their code).
+    a: (..., n), b: (..., m) positive marginals summing to 1 (default uniform). symmetric: the authors' symmetrised
+    last half-step (ExplainableML/SOTAlign@4a810a1, src/klot.py, sinkhorn) in our update order: the potential updated
+    first in each iteration (here g) moves half-way to its next update, g <- (g + g') / 2, the other stays. The
+    columns then sum to sqrt(b c) (c: their sums before), the rows to P sqrt(b / c): neither marginal is exact and the
+    error of the last iteration is split between them.
     tol > 0: stop once err <= tol, checked every `check_every` iterations (one device sync each, as POT); warn if
     still above after `iters`. compile: torch.compile the kernel (fuses the add into the reduction; for CUDA).
     Returns log P (..., n, m) and err (...,) = ||P 1 - a||_1 + ||P^T 1 - b||_1. Raises FloatingPointError on NaN.
     """
-    n, m, eps = *C.shape[-2:], torch.as_tensor(eps, dtype=C.dtype, device=C.device)
+    n, m = C.shape[-2:]
+    eps = torch.as_tensor(eps, dtype=C.dtype, device=C.device)
     M = -C / eps[..., None, None]  # (..., n, m)
     Mt = M.transpose(-1, -2).contiguous()  # (..., m, n): column updates become contiguous row reductions
     log_a = a.log() if a is not None else torch.full(C.shape[:-1], -math.log(n), dtype=C.dtype, device=C.device)
     log_b = b.log() if b is not None else torch.full(Mt.shape[:-1], -math.log(m), dtype=C.dtype, device=C.device)
-    lse = lambda M, p: torch.logsumexp(M + p[..., None, :], -1)  # noqa: E731  (..., n, m), (..., m) -> (..., n)
-    lse = torch.compile(lse, dynamic=False) if compile else lse
+
+    def row_lse(M, p):  # (..., n, m), (..., m) -> (..., n): logsumexp_j(M_ij + p_j)
+        return torch.logsumexp(M + p[..., None, :], -1)
+    lse = torch.compile(row_lse, dynamic=False) if compile else row_lse
     f, g = torch.zeros_like(log_a), torch.zeros_like(log_b)
 
     def error(f, g):
@@ -398,9 +455,10 @@ def sinkhorn_log(C, eps, a=None, b=None, iters=100, tol=0.0, symmetric=True, che
         if tol > 0 and it % check_every == 0 and it < iters and error(f, g).max() <= tol:
             break
     if symmetric:
-        g2 = log_b - lse(Mt, f)
-        f2 = log_a - lse(M, g2)
-        f, g = (f + f2) / 2, (g + g2) / 2
+        # Theirs updates rows then columns, then averages each potential with its update computed from the other's
+        # *old* value: the rows move half-way, the columns' update from the unmoved rows is the columns themselves.
+        # Ours updates columns then rows, so the same step moves g half-way and leaves f (its update would be f).
+        g = (g + log_b - lse(Mt, f)) / 2
     err = error(f, g)
     if not torch.isfinite(err).all():
         raise FloatingPointError(f"sinkhorn_log: NaN/inf plan (eps {eps.tolist()}); the costs hold NaN/inf or eps "
@@ -432,25 +490,33 @@ def klot(K, K_star, eps=0.05, eps_star=0.005, iters=100, tol=0.0, compile=False)
 
 
 def siglip(x, y, scale, bias, xu=None, yu=None):
-    """SigLIP (Zhai et al. 2023, Eq. 1) on N pairs: L = -(1/N) sum_{k,l} log sigmoid(z_kl (scale <x_k, y_l> + bias)),
-    z_kl = 1 for a pair (k = l < N), else -1. x, y: (N, d) normalised pair embeddings. With unpaired negatives
-    (xu (n, d), yu (m, d); SOTAlign's development runs) the rows run over [x; xu] and the columns over [y; yu],
-    without the unpaired-unpaired block (# not specified in the paper; we use pairs against unpaired only)."""
-    N = len(x)
-    X, Y = (x, y) if xu is None else (torch.cat([x, xu]), torch.cat([y, yu]))
-    logits = scale * X @ Y.T + bias  # (N + n, N + m)
-    z = -torch.ones_like(logits)
-    z[:N, :N] += 2 * torch.eye(N, dtype=x.dtype, device=x.device)
-    keep = torch.ones_like(logits, dtype=torch.bool)
-    keep[N:, N:] = False
-    loss = -(F.logsigmoid(z * logits) * keep).sum() / N
+    """SigLIP (Zhai et al. 2023, Eq. 1) averaged over its logits, as the authors' code (so their lambda holds):
+
+        pairs only:  L = -(1/N^2) sum_{k,l} log sigmoid(z_kl (scale <x_k, y_l> + bias)),  z_kl = +1 if k = l, else -1
+        (loss_supervised_sail; SAIL's). With unpaired negatives xu (n, d), yu (m, d) (loss_semisupervised_sail):
+        L = (L_img + L_txt) / 2,  L_img = the same mean over the N x (N + m) logits of x against [y; yu],
+                                  L_txt = the same mean over the N x (N + n) logits of y against [x; xu],
+        so the pair block counts in both means, each unpaired block in one; unpaired against unpaired is not used.
+
+    x, y: (N, d) normalised pair embeddings; scale, bias: scalars. Source: roschmsi/vl-alignment-thesis@62a7c18,
+    optimal_transport/matching.py (MatchingModel). Returns (L, {"sig": L})."""
+    def side(anchors, targets):  # (N, d), (N + k, d) -> the mean of -log sigmoid over the (N, N + k) logits
+        logits = scale * anchors @ targets.T + bias
+        z = -torch.ones_like(logits)
+        z[:, :len(anchors)] += 2 * torch.eye(len(anchors), dtype=logits.dtype, device=logits.device)
+        return -F.logsigmoid(z * logits).mean()
+    if xu is None:
+        loss = side(x, y)
+    else:
+        loss = (side(x, torch.cat([y, yu])) + side(y, torch.cat([x, xu]))) / 2
     return loss, {"sig": loss}
 
 
 def infonce(x, y, scale, xu=None, yu=None):
     """CLIP's InfoNCE on N pairs (Radford et al. 2021): L = 1/2 [ CE(scale x Y^T, diag) + CE(scale y X^T, diag) ],
     Y = [y; yu], X = [x; xu]: with unpaired negatives each image also competes against the unpaired texts and each
-    text against the unpaired images. x, y: (N, d), xu: (n, d), yu: (m, d) normalised, or None."""
+    text against the unpaired images. x, y: (N, d), xu: (n, d), yu: (m, d) normalised, or None. Each CE is a mean
+    over the N anchors, as CLIP's and STRUCTURE's (which fixes scale = 1 / 0.05: --tau 0.05 --fixed-tau)."""
     X, Y = (x, y) if xu is None else (torch.cat([x, xu]), torch.cat([y, yu]))
     target = torch.arange(len(x), device=x.device)
     i2t, t2i = F.cross_entropy(scale * x @ Y.T, target), F.cross_entropy(scale * y @ X.T, target)
@@ -488,34 +554,69 @@ def structure(E, A, tau=0.05, levels=1):
 CKPT_FORMAT = "sotalign-checkpoint/1"
 
 
-def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2), the authors' optimiser:
+
+        c = beta1 m + (1 - beta1) g,   theta <- theta - lr (sign(c) + wd theta),   m <- beta2 m + (1 - beta2) g
+
+    with g the gradient and m its moving average (state "exp_avg", zeros at the start); the weight decay is decoupled
+    (AdamW's form) and applies to every parameter given (the authors give all). Parameters without a gradient are
+    left alone."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for theta in group["params"]:
+                if theta.grad is None:
+                    continue
+                if not self.state[theta]:
+                    self.state[theta]["exp_avg"] = torch.zeros_like(theta)
+                m = self.state[theta]["exp_avg"]
+                c = beta1 * m + (1 - beta1) * theta.grad
+                theta.mul_(1 - group["lr"] * group["weight_decay"]).sub_(group["lr"] * c.sign())
+                m.mul_(beta2).add_(theta.grad, alpha=1 - beta2)
+
+
+def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
     """Stage 2 on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit.
-    P: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None; teacher: its AffineHeads."""
-    PI, PT, counts = P["image"].to(device), P["text"].to(device), P["counts"].to(device)
+    pairs: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None; teacher: its AffineHeads."""
+    PI, PT, counts = pairs["image"].to(device), pairs["text"].to(device), pairs["counts"].to(device)
     first = counts.cumsum(0) - counts  # (E,) index in PT of each entity's first caption
     E = len(PI)
     # unpaired batches are drawn only when a term uses them: KLOT, the extra negatives, STRUCTURE
     unpaired = UI is not None and (args.lambda_ot > 0 or args.unpaired_negatives or args.lambda_structure > 0)
     ot = unpaired and args.lambda_ot > 0
     Bp = max(min(args.paired_batch, E) // world, 1) * world  # multiples of world: each rank takes an equal slice
-    B = (Bp,)
+    B = (Bp,)  # (pairs,) or (pairs, unpaired images, unpaired texts) per step
     if unpaired:
         UI, UT = UI.to(device), UT.to(device)
-        B = (Bp, *(max(min(args.unpaired_batch, len(X)) // world, 1) * world for X in (UI, UT)))
+        Bu = max(min(args.unpaired_batch, len(UI)) // world, 1) * world
+        Bv = max(min(args.unpaired_batch, len(UT)) // world, 1) * world
+        B = (Bp, Bu, Bv)
     if ot:
-        with torch.no_grad():  # K* = cosine in the teacher's space (docs/SOTAlign.md); fixed, so embedded once
-            TI, TT = (F.normalize(h.to(device)(X), dim=-1) for h, X in zip(teacher, (UI, UT)))
+        with torch.no_grad():  # K* = the teacher's score (its cosine; CSA's rho-weighted); fixed, so embedded once
+            image_teacher = copy.deepcopy(teacher[0]).to(device)  # copies: the caller's heads stay where they are
+            text_teacher = copy.deepcopy(teacher[1]).to(device)
+            TI = score_weighted(image_teacher, F.normalize(image_teacher(UI), dim=-1))  # (U, k)
+            TT = F.normalize(text_teacher(UT), dim=-1)  # (V, k)
     # not specified in the paper; we use epoch = one pass over the larger unpaired set (over the pairs without it)
     per_epoch = math.ceil(max(len(UI), len(UT)) / args.unpaired_batch) if unpaired else math.ceil(E / Bp)
     total = args.steps or args.epochs * per_epoch
     torch.manual_seed(args.seed)  # head init; identical on every rank (DDP also broadcasts rank 0's weights)
     model = Heads(PI.shape[-1], PT.shape[-1], args).to(device)
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # CLIP: no weight decay on gains, biases, scale
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    # deviation: the authors train with Lion (lr 1e-4), which torch lacks; we use AdamW
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
-                            lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
+    if args.optimizer == "lion":  # the authors' (main.py: Lion(model.parameters(), ...)): decay on every parameter
+        opt = Lion(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
+    else:  # CLIP's AdamW: no weight decay on gains, biases, scale
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+                                lr=args.lr, betas=(args.beta1, args.beta2))
+    # warm-up over ceil(warmup * total) steps, as the authors' main.py (ceil(0.1 * total)), then cosine
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, math.ceil(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
         step, metrics = load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args, model, opt, sched)
@@ -523,7 +624,9 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
     ddp = DDP(model) if world > 1 else model
-    mine = lambda idx: idx.view(world, -1)[rank]  # noqa: E731  this rank's slice of a global batch
+
+    def mine(idx):  # this rank's slice of a global batch
+        return idx.view(world, -1)[rank]
     log(f"training {method_name(args, unpaired)}: {E} pairs, batches {B} x {world} rank(s) -> {total} steps")
 
     def halt(why):
@@ -538,8 +641,10 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
         cap = first[ent] + (pick * counts[ent]).long()
         xi, xt = [PI[mine(ent)]], [PT[mine(cap)]]
         if unpaired:
-            ii, tt = (draw(args.seed, s, len(X), b, step).to(device) for s, X, b in ((1, UI, B[1]), (2, UT, B[2])))
-            xi.append(UI[mine(ii)]), xt.append(UT[mine(tt)])
+            ii = draw(args.seed, 1, len(UI), Bu, step).to(device)  # (Bu,) unpaired images
+            tt = draw(args.seed, 2, len(UT), Bv, step).to(device)  # (Bv,) unpaired texts
+            xi.append(UI[mine(ii)])
+            xt.append(UT[mine(tt)])
         zi, zt, scale, bias = ddp(torch.cat(xi), torch.cat(xt))  # one forward: DDP wants one per backward
         z = [zi[:Bp // world], zt[:Bp // world]] + ([zi[Bp // world:], zt[Bp // world:]] if unpaired else [])
         raw = [xi[0], xt[0]] + xi[1:] + xt[1:]  # the frozen features in z's order (STRUCTURE compares with them)
@@ -569,8 +674,9 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():  # not specified in the paper; we clamp the scale at 100 as CLIP (Radford et al. 2021)
-            model.logit_scale.clamp_(max=math.log(100))
+        if not args.fixed_tau:  # deviation: we clamp a learned scale at 100 as CLIP (Radford et al. 2021); theirs not
+            with torch.no_grad():
+                model.logit_scale.clamp_(max=math.log(100))
         step += 1
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == total:
             metrics = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
@@ -591,18 +697,25 @@ def train(args: Args, P: dict, UI, UT, teacher, rank, world, device, log):
 # ---------------------------------------------------------------------------- export
 def export(path, method, heads, kind, args: Args, scale, bias, metrics):
     """An aligner checkpoint evaluate.py loads (format in README.md), written atomically. heads: (image, text)."""
-    entry = lambda h: (head_state(h, kind, h.W.shape[0], h.W.shape[1]) if kind == "affine" else  # noqa: E731
-                       head_state(h, kind, h[0].normalized_shape[0], args.dim, args.hidden, args.head_layers))
+    def entry(h):
+        if kind == "affine":
+            return head_state(h, kind, h.W.shape[0], h.W.shape[1])
+        return head_state(h, kind, h[0].normalized_shape[0], args.dim, args.hidden, args.head_layers)
+    weights = getattr(heads[0], "score_weights", None)  # CSA's rho: evaluate.py scores sum_i rho_i xh_i yh_i
     atomic_save({"format": "aligner/1", "method": method, "image_encoder": args.image_encoder,
                  "text_encoder": args.text_encoder, "image_head": entry(heads[0]), "text_head": entry(heads[1]),
-                 "logit_scale": scale, "logit_bias": bias, "args": asdict(args), "metrics": metrics}, path)
+                 "logit_scale": scale, "logit_bias": bias, "score_weights": None if weights is None else weights.cpu(),
+                 "args": asdict(args), "metrics": metrics}, path)
 
 
 def method_name(args: Args, unpaired: bool) -> str:
-    """What the heads are: sotalign (KLOT on), structure (the STRUCTURE baseline), else <paired loss>-pairs."""
+    """What the heads are: sotalign (KLOT on), structure (the STRUCTURE baseline), else <paired loss>-neg (the
+    unpaired samples as extra negatives: the authors' semi-supervised SigLIP baseline) or <paired loss>-pairs."""
     if unpaired and args.lambda_ot > 0:
         return "sotalign"
-    return "structure" if args.lambda_structure else f"{args.paired_loss}-pairs"
+    if args.lambda_structure:
+        return "structure"
+    return f"{args.paired_loss}-{'neg' if unpaired and args.unpaired_negatives else 'pairs'}"
 
 
 def r1(m) -> str:
@@ -643,23 +756,33 @@ def main(argv=None):
     log(f"{args.pairs}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions"
         + (f"; unpaired: {len(images)} images, {len(texts)} texts" if images else "; no unpaired data"))
     check_run(args, [len(x) for x in (pairs.images, images, texts) if x is not None])
-    encoders, get = {}, lambda *a: features(*a, args, encoders, rank, world, device)  # noqa: E731
-    # pair features: {"image": (E, Di) each entity's clean view, "text": (C, Dt) all captions, "counts": (E,)}
-    P, H = ({"image": get(name, "image", p.images), "text": get(name, "text", [c for cs in p.captions for c in cs]),
-             "counts": torch.tensor([len(c) for c in p.captions])} if p else None
-            for name, p in (("pairs", pairs), ("heldout", heldout)))
-    UI, UT = (get("unpaired", m, x) if x else None for m, x in (("image", images), ("text", texts)))
+    encoders = {}  # the frozen encoders loaded so far (features loads one on its first cache miss)
+
+    def pair_features(name, p):  # {"image": (E, Di) clean views, "text": (C, Dt) all captions, "counts": (E,)}
+        captions = [c for cs in p.captions for c in cs]
+        return {"image": features(name, "image", p.images, args, encoders, rank, world, device),
+                "text": features(name, "text", captions, args, encoders, rank, world, device),
+                "counts": torch.tensor([len(c) for c in p.captions])}
+    pair_feats = pair_features("pairs", pairs)
+    heldout_feats = pair_features("heldout", heldout) if heldout else None
+    UI = UT = None
+    if images:
+        UI = features("unpaired", "image", images, args, encoders, rank, world, device)
+        UT = features("unpaired", "text", texts, args, encoders, rank, world, device)
     encoders.clear()  # frees the frozen encoders before training
     # stage 1: the teacher, closed form, fitted in float64
-    teacher = fit_teacher(P, args.teacher, args.teacher_reg, args.csa_dim)
-    scores = {"train": recall_at_1(teacher, P), **({"heldout": recall_at_1(teacher, H)} if H else {})}
+    teacher = fit_teacher(pair_feats, args.teacher, args.teacher_reg, args.csa_dim, args.eig_floor,
+                          args.teacher_captions)
+    scores = {"train": recall_at_1(teacher, pair_feats)}
+    if heldout_feats:
+        scores["heldout"] = recall_at_1(teacher, heldout_feats)
     log(f"teacher {args.teacher}: " + " | ".join(f"{k} R@1 {r1(v)}" for k, v in scores.items()))
     # stage 2: heads trained with SigLIP on the pairs + lambda KLOT on the unpaired batches
-    model, metrics = train(args, P, UI, UT, teacher, rank, world, device, log)
+    model, metrics = train(args, pair_feats, UI, UT, teacher, rank, world, device, log)
     results, method = {}, method_name(args, images is not None)
     if model is not None and rank == 0:  # the run's results are written only now, each atomically
-        if H:
-            metrics["heldout"] = recall_at_1((model.image_head, model.text_head), H)
+        if heldout_feats:
+            metrics["heldout"] = recall_at_1((model.image_head, model.text_head), heldout_feats)
             log(f"heads: heldout R@1 {r1(metrics['heldout'])}")
         export(out / "teacher.pt", "csa" if args.teacher == "csa" else "sotalign-teacher", teacher, "affine", args,
                1.0, None, scores)
@@ -671,11 +794,12 @@ def main(argv=None):
             (out / name).unlink(missing_ok=True)
         if args.eval:  # evaluate.py on both exports -> their results, each with a one-line "summary"
             import evaluate
-            results, teacher_results = (evaluate.main(["--aligner", str(out / a), "--tasks", args.eval, "--output",
-                                                       str(out / o), "--cache-dir", args.cache_dir,
-                                                       "--batch-size", str(args.extract_batch_size),
-                                                       "--device", device])
-                                        for a, o in (("aligner.pt", "eval.json"), ("teacher.pt", "eval_teacher.json")))
+            def evaluate_export(aligner, output):
+                return evaluate.main(["--aligner", str(out / aligner), "--tasks", args.eval, "--output",
+                                      str(out / output), "--cache-dir", args.cache_dir, "--batch-size",
+                                      str(args.extract_batch_size), "--device", device])
+            results = evaluate_export("aligner.pt", "eval.json")
+            teacher_results = evaluate_export("teacher.pt", "eval_teacher.json")
             log(f"teacher: {teacher_results['summary']}")
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
                      "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},

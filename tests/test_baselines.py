@@ -37,25 +37,27 @@ def test_csa_score_is_the_correlation_weighted_product_of_normalised_canonical_c
     for i in range(5):
         for j in range(5):  # the definition, one pair at a time
             s = sum(T["rho"][c] * xh[i, c] * yh[j, c] for c in range(dim))
-            hx = (F.normalize(X[i], dim=-1) - C["mu_x"]) @ C["W_x"]
-            hy = (F.normalize(Y[j], dim=-1) - C["mu_y"]) @ C["W_y"]
-            # the heads' dot product equals s up to the two (positive) norms of the unweighted projections
-            assert torch.allclose(hx @ hy / (px[i].norm() * py[j].norm()), s, atol=1e-12)
+            hx = F.normalize((F.normalize(X[i], dim=-1) - C["mu_x"]) @ C["W_x"], dim=-1)
+            hy = F.normalize((F.normalize(Y[j], dim=-1) - C["mu_y"]) @ C["W_y"], dim=-1)
+            # the normalised head outputs, weighted by rho (the export's score_weights): s itself
+            assert torch.allclose((hx * C["rho"]) @ hy, s, atol=1e-12)
     assert C["W_x"].shape == (7, dim) and C["rho"].shape == (dim,)
     assert so.csa(X, Y, 0.1)["W_x"].shape[1] == len(T["rho"])  # dim = 0 keeps every direction
 
 
 # ---------------------------------------------------------------- paired losses with unpaired negatives
 def brute_siglip(x, y, scale, bias, xu, yu):
-    N, total = len(x), 0.0
-    X, Y = torch.cat([x, xu]), torch.cat([y, yu])
-    for k in range(len(X)):
-        for l in range(len(Y)):
-            if k >= N and l >= N:
-                continue  # unpaired against unpaired: not used
-            z = 1.0 if k == l < N else -1.0
-            total = total - math.log(1 / (1 + math.exp(-z * (scale * float(X[k] @ Y[l]) + bias))))
-    return total / N
+    """The authors' mean form: image anchors against [y; yu], text anchors against [x; xu], each a mean, averaged."""
+    N = len(x)
+
+    def mean_side(anchors, targets):
+        total = 0.0
+        for k in range(N):
+            for l in range(len(targets)):
+                z = 1.0 if k == l else -1.0
+                total = total - math.log(1 / (1 + math.exp(-z * (scale * float(anchors[k] @ targets[l]) + bias))))
+        return total / (N * len(targets))
+    return (mean_side(x, torch.cat([y, yu])) + mean_side(y, torch.cat([x, xu]))) / 2
 
 
 def brute_infonce(x, y, scale, xu, yu):
