@@ -160,6 +160,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage2", action="store_true", help="only stage 2 (in this process)")
     p.add_argument("--old", default="2b7a02e6429a8c7506eed5b30947764256e70e7c", help="commit of the old code")
+    p.add_argument("--repo", default=str(ROOT), help="the git repository holding --old")
     p.add_argument("--pace", type=float, default=5000.0, help="stand-in encoder items/s per rank")
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--max-old-gb", type=float, default=4.2, help="largest fp32 features the old code is run with")
@@ -174,7 +175,7 @@ def main():
         return stage2(a)
     Path(a.work).mkdir(parents=True, exist_ok=True)
     old_dir = tempfile.mkdtemp(prefix="old_code_")
-    archive = subprocess.run(["git", "archive", a.old, "sotalign.py", "plumbing.py"], cwd=ROOT, capture_output=True,
+    archive = subprocess.run(["git", "archive", a.old, "sotalign.py", "plumbing.py"], cwd=a.repo, capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", old_dir], input=archive, check=True)
     sizes = [int(s) for s in a.sizes.split(",")]
