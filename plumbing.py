@@ -798,7 +798,10 @@ class Store:
 def on_device(X, device, share=0.5):
     """Training features on `device`: on a GPU the whole store in float16 when it takes at most `share` of the free
     memory, else the memory-mapped store, whose batches are read from the page cache (and disk) per step; on the CPU
-    always the store (the page cache is the memory). Either way X[idx].to(device, torch.float32) is a batch."""
+    always the store (the page cache is the memory). Either way X[idx].to(device, torch.float32) is a batch. A
+    tensor (sweep.py's, the tests') goes to `device` as it is."""
+    if isinstance(X, torch.Tensor):
+        return X.to(device)
     if isinstance(X, Store) and str(device).startswith("cuda"):
         if X.nbytes() <= share * torch.cuda.mem_get_info(torch.device(device))[0]:
             return X.tensor(device)

@@ -218,7 +218,8 @@ def write_report(a, rows, s2):
            "| code | ranks | time | bytes written |", "|---|---|---|---|"]
     for code in ("old", "new"):
         for ranks in (1, 2):
-            sel = [r for r in rows if r["code"] == code and r["ranks"] == ranks and r["dim"] == 1024 and "error" not in r]
+            sel = [r for r in rows if r["code"] == code and r["ranks"] == ranks and r["dim"] == 1024
+                   and "error" not in r]
             t, b = slope(sel, "s"), slope(sel, "wrote")
             md.append(f"| {code} | {ranks} | {'-' if t is None else f'{t:.2f}'} | {'-' if b is None else f'{b:.2f}'} |")
     if s2:
