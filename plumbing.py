@@ -4,34 +4,47 @@ Nothing here is either paper's method: the methods live in sma.py and sotalign.p
 This file holds what all three would otherwise each carry a copy of:
   errors and flags   DataError (a user error: one line, exit status 2), arg / parse_dataclass (an Args dataclass
                      becomes the command line)
-  data               Pairs, read_pairs (pairs.csv / open_clip's tsv), read_coco (COCO captions json), check_image
+  data               Pairs, read_pairs (pairs.csv / open_clip's tsv), read_coco (COCO captions json), read_tars
+                     (webdataset shards, brace patterns), open_image, check_image; train/test leaks (refuse_leak)
   frozen encoders    Encoder, load_encoder(spec): hf:, timm:, openclip:, offline: (pip-installed real weights), py:
   heads              make_head (LayerNorm -> MLP), AffineHead (closed-form teachers), head_state / head_from_state
-  files              atomic_save (every write: temp file, then rename), read_cache, check_folder
+  files              atomic_write / atomic_save (every write: temp file, fsync, rename; disk full: one line),
+                     read_cache, check_folder
   training           setup (device, torchrun), Gather (all_gather with a gradient), schedule (warm-up + cosine),
                      generator (seeded data order), save_checkpoint / load_checkpoint (complete, atomic, checked)
+  feature store      extract (frozen features in float16 shards, resumable, per rank), Store (memory-mapped),
+                     store_key, on_device (docs/SCALE.md)
 Copy it with whichever script you take (README.md, "Copy a method").
 """
 import argparse
 import hashlib
 import csv
+import errno
 import functools
 import importlib
+import io
 import json
 import math
 import os
+import re
 import sys
+import tarfile
 import tempfile
+import time
 import weakref
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 
 # ---------------------------------------------------------------------------- errors and data
@@ -70,10 +83,13 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     paths resolve against the file's folder. Every bad row (missing column, empty caption, missing or
     unreadable image, bytes that are not UTF-8) raises DataError naming the file and the row, before
     any training starts; with skip_bad_rows they are skipped, counted in `.skipped`, never silently.
-    `coco:<captions json>` reads COCO captions instead (read_coco, with image_root and subset).
+    `coco:<captions json>` reads COCO captions instead (read_coco, with image_root and subset); a path or brace
+    pattern ending in .tar reads webdataset shards (read_tars).
     """
     if str(path).startswith("coco:"):
         return read_coco(str(path)[5:], image_root, subset, skip_bad_rows)
+    if str(path).endswith(".tar"):
+        return read_tars(path, skip_bad_rows)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
@@ -185,6 +201,127 @@ def read_coco(path, image_root=None, subset=0, skip_bad_rows=False) -> Pairs:
     if not images:
         raise DataError(f"{path}: no usable images")
     return Pairs(str(path), images, kept, bad)
+
+
+def expand_braces(pattern) -> list:
+    """webdataset's shard patterns -> paths: `cc3m/{00000..00331}.tar` (a numeric range, zero-padded to the width
+    written), `{a,b}` (alternatives); several braces multiply out; no brace: [pattern]."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    if re.fullmatch(r"\d+\.\.\d+", body):
+        lo, hi = body.split("..")
+        choices = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [p for c in choices for p in expand_braces(pattern[:m.start()] + c + pattern[m.end():])]
+
+
+TAR_IMAGES = {"jpg", "jpeg", "png", "webp"}
+
+
+def read_tars(pattern, skip_bad_rows=False) -> Pairs:
+    """Webdataset / img2dataset tar shards (a path or a brace pattern ending in .tar) -> Pairs, a sample an entity.
+
+    A sample is the members sharing a key (the member's path up to the first dot of its file name): its image the
+    .jpg (.jpeg, .png, .webp) member, its caption the .txt member or else the `caption` field of the .json one.
+    Read with the standard library's tarfile, headers and captions only: an image is an offset into its tar
+    (TAR_SEP, open_image), read at extraction. (webdataset streams samples, but the store needs random access by
+    item and resume by shard; tarfile needs no dependency.) A sample without image or caption raises DataError
+    naming the tar and the key (skip_bad_rows: skipped and counted).
+    """
+    images, captions, bad = [], [], []
+    for tar in expand_braces(str(pattern)):
+        if not os.path.isfile(tar):
+            raise DataError(f"{tar}: tar shard not found (from {pattern}); check the path and the brace pattern")
+        samples = {}
+        try:
+            with tarfile.open(tar) as f:
+                for m in f:
+                    folder, _, name = m.name.rpartition("/")
+                    stem, _, ext = name.partition(".")
+                    sample, ext = samples.setdefault(f"{folder}/{stem}" if folder else stem, {}), ext.lower()
+                    if m.isfile() and ext in TAR_IMAGES:
+                        sample["image"] = f"{Path(tar).resolve()}{TAR_SEP}{m.name}@{m.offset_data}+{m.size}"
+                    elif m.isfile() and ext == "txt":
+                        sample["txt"] = f.extractfile(m).read().decode("utf-8").strip()
+                    elif m.isfile() and ext == "json":
+                        sample["json"] = str(json.loads(f.extractfile(m).read()).get("caption") or "").strip()
+        except (tarfile.TarError, OSError, ValueError, AttributeError) as e:  # ValueError: UTF-8, JSON
+            raise DataError(f"{tar}: not a readable webdataset shard ({type(e).__name__}: {e}); re-download or "
+                            "re-make it") from None
+        for key, sample in samples.items():
+            caption = sample.get("txt") or sample.get("json")
+            if "image" in sample and caption:
+                images.append(sample["image"])
+                captions.append([caption])
+            elif sample.keys() & {"image", "txt", "json"}:  # a sample of other members (e.g. only .parquet): ignored
+                bad.append(f"{tar}, sample {key}: no {'caption' if 'image' in sample else 'image'}")
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}. Fix the shard, or pass --skip-bad-rows to skip and count such samples")
+    if not images:
+        raise DataError(f"{pattern}: no samples with an image and a caption")
+    return Pairs(str(pattern), images, captions, bad)
+
+
+def open_image(ref) -> Image.Image:
+    """Image.open of an image file, or of a tar member's bytes (read_tars' `<tar>::<member>@<offset>+<size>`)."""
+    tar, sep, member = ref.partition(TAR_SEP)
+    if not sep:
+        return Image.open(ref)
+    offset, _, size = member.rpartition("@")[2].partition("+")
+    with open(tar, "rb") as f:
+        f.seek(int(offset))
+        data = f.read(int(size))
+    return Image.open(io.BytesIO(data))
+
+
+# ---------------------------------------------------------------------------- train/test leaks
+# Benchmark splits whose images also sit in a training set users reach for, and the file that names them: the
+# Karpathy MSCOCO test images are val2014 images, and train2017 holds every val2014 image outside val2017 (so most
+# of them); Flickr30k's train and test splits share a folder.
+LEAK_TASKS = {"mscoco_captions": "coco_test_karpathy.json", "flickr30k": "flickr30k_test_karpathy.txt"}
+
+
+def image_identity(ref) -> str:
+    """An image's name across copies of a dataset: its file name (a tar member's) without COCO's `COCO_<split>_`
+    prefix, so train2017's 000000391895.jpg is val2014's COCO_val2014_000000391895.jpg."""
+    name = os.path.basename(ref.partition(TAR_SEP)[2].rpartition("@")[0] if TAR_SEP in ref else ref)
+    return re.sub(r"^COCO_[a-z]+\d{4}_", "", name)
+
+
+def read_exclude(path) -> set:
+    """--exclude: image identities to drop from training: a COCO captions json (its images' file names) or a text
+    file, one image per line (the part before a first comma: Flickr30k's `<image>.jpg,<caption>` files work)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--exclude {path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            return {image_identity(im["file_name"]) for im in json.loads(text)["images"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"--exclude {path}: not a COCO captions json ({type(e).__name__}: {e})") from None
+    return {image_identity(line.split(",")[0].strip()) for line in text.splitlines() if line.strip()}
+
+
+def without(pairs: Pairs, names: set) -> Pairs:
+    """pairs without the entities whose image_identity is in `names` (--exclude)."""
+    keep = [e for e, image in enumerate(pairs.images) if image_identity(image) not in names]
+    return Pairs(pairs.path, [pairs.images[e] for e in keep], [pairs.captions[e] for e in keep], pairs.skipped)
+
+
+def refuse_leak(train_images, task, eval_images, split_file):
+    """DataError, before any compute, if a training image is one the evaluation `task` scores (by image_identity);
+    split_file: the file naming the task's images, which --exclude takes."""
+    scored = {image_identity(p) for p in eval_images}
+    overlap = sum(image_identity(p) in scored for p in train_images)
+    if overlap:
+        raise DataError(f"{overlap} of the {len(train_images)} training images are {task} test images (same file "
+                        f"names): the evaluation would score images the heads were trained on. Drop them with "
+                        f"--exclude {split_file}, or train on a split without them (COCO: Karpathy train + restval)")
 
 
 # ---------------------------------------------------------------------------- frozen encoders
@@ -412,21 +549,44 @@ def head_from_state(entry: dict) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- files
-def atomic_save(obj, path):
-    """Write a temporary file in the same folder, then rename (a crash never leaves half a file); .json: JSON.
-    Every file the scripts write goes through here; a failed write removes its temporary file."""
+def atomic_write(path, data: bytes, kept=""):
+    """Write `data` to a temporary file beside `path`, fsync it, rename it to `path`, fsync the folder: a crash or a
+    power cut leaves the old file or the new one, never half of one. Every file the scripts write comes through here
+    (atomic_save, the feature store's shards). A full disk or quota is a DataError naming the path, what was kept
+    (`kept`; by default the file's previous version) and the fix; a failed write removes its temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        if path.suffix == ".json":
-            tmp.write_text(json.dumps(obj, indent=1))
-        else:
-            torch.save(obj, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except BaseException:  # disk full, interrupted, unpicklable: no half-written temporary file stays behind
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # and the rename itself
+        finally:
+            os.close(folder)
+    except BaseException as e:  # disk full, interrupted: no half-written temporary file stays behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"{path}: {e.strerror} while writing {len(data) / 1e6:.1f} MB; kept: "
+                            f"{kept or f'{path.name} as it was before (if it existed), and every file written before'}"
+                            ". Free space (or raise the quota) there, or point --out / --cache-dir elsewhere, then "
+                            "rerun the same command (with --resume if a run had started)") from None
         raise
+
+
+def atomic_save(obj, path, kept=""):
+    """obj -> path through atomic_write: JSON for a .json path, else torch.save."""
+    if Path(path).suffix == ".json":
+        data = json.dumps(obj, indent=1).encode()
+    else:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+    atomic_write(path, data, kept)
 
 
 def read_cache(path, default=None):
@@ -566,3 +726,165 @@ def load_checkpoint(path, ckpt_format, run_only, args, model=None, opt=None, sch
         if ck["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
     return ck["step"], ck["metrics"]
+
+
+# ---------------------------------------------------------------------------- feature store
+# The frozen features of N items (a set's images, its texts) live in one folder, <cache-dir>/<name>-<key>/:
+#   000000-<crc32>.npy ...  shard j: the float16 rows of items [j S, (j + 1) S), S = SHARD_ROWS (the last shorter),
+#                           a plain .npy file whose name carries the CRC-32 of its bytes
+#   index.json              written once every shard is there: {format, n, row, dtype, shard_rows, shards: [...]}
+# Shard j is encoded by rank j % world, in batches that start at its first item, and written once (temp file, fsync,
+# rename): its bytes depend neither on the number of ranks nor on a resume, a killed run loses only the shards in
+# flight, and no rank ever holds another's features. Readers memory-map the shards (numpy, read-only), so a store
+# costs page cache, not process memory. The folder's key hashes everything the features depend on (store_key).
+STORE_FORMAT = "feature-store/1"
+SHARD_ROWS = 8192  # items per shard: 32 MB of 2,048-d float16, ~10 s of DINOv2-L on one GPU (the most a kill loses)
+TAR_SEP = "::"  # an image inside a tar shard: "<tar path>::<member name>@<offset>+<size>" (read_tars)
+
+
+def store_key(config, modality, items) -> str:
+    """Exact key of the features of `items`: sha256 of `config` (JSON: the encoder spec, versions, views) and of
+    every item in order, each prefixed by its length: a text itself, an image its path, size and mtime (a tar
+    member: its tar's size and mtime). Streamed: 1M items cost one pass and no second list in memory."""
+    h, stats = hashlib.sha256(json.dumps([STORE_FORMAT, config, modality]).encode()), {}
+    for item in items:
+        if modality == "image":
+            file = item.partition(TAR_SEP)[0]
+            if file not in stats:  # a tar's stat once, not once per member
+                st = os.stat(file)
+                stats[file] = f"{st.st_size}:{st.st_mtime_ns}"
+            item = f"{item}|{stats[file]}"
+            if TAR_SEP not in item:
+                del stats[file]  # a plain file is seen once: no dict of 1M stats
+        data = item.encode()
+        h.update(f"{len(data)}:".encode() + data)
+    return h.hexdigest()[:20]
+
+
+class Store:
+    """The (N, *row) float16 features of a complete store folder, memory-mapped read-only (numpy): nothing is read
+    until indexed. store[idx] -> a float16 CPU tensor of rows idx (a LongTensor on any device, or a list)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        index = json.loads((self.folder / "index.json").read_text())
+        self.shape, self.shard_rows = (index["n"], *index["row"]), index["shard_rows"]
+        self.shards = [np.load(self.folder / name, mmap_mode="r") for name in index["shards"]]
+        self.dtype = torch.float16
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx).cpu().long()
+        shard, row = idx // self.shard_rows, idx % self.shard_rows
+        out = torch.empty(len(idx), *self.shape[1:], dtype=torch.float16)
+        for j in shard.unique().tolist():  # a fancy index per shard touched: only those pages are read
+            sel = shard == j
+            out[sel] = torch.from_numpy(self.shards[j][row[sel].numpy()])
+        return out
+
+    def tensor(self, device="cpu") -> torch.Tensor:
+        """The whole store as one float16 tensor on `device`, copied a shard at a time (no float32 copy anywhere)."""
+        out = torch.empty(self.shape, dtype=torch.float16, device=device)
+        for j, shard in enumerate(self.shards):
+            out[j * self.shard_rows:j * self.shard_rows + len(shard)] = torch.from_numpy(np.array(shard))
+        return out
+
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * 2
+
+
+def on_device(X, device, share=0.5):
+    """Training features on `device`: on a GPU the whole store in float16 when it takes at most `share` of the free
+    memory, else the memory-mapped store, whose batches are read from the page cache (and disk) per step; on the CPU
+    always the store (the page cache is the memory). Either way X[idx].to(device, torch.float32) is a batch. A
+    tensor (sweep.py's, the tests') goes to `device` as it is."""
+    if isinstance(X, torch.Tensor):
+        return X.to(device)
+    if isinstance(X, Store) and str(device).startswith("cuda"):
+        if X.nbytes() <= share * torch.cuda.mem_get_info(torch.device(device))[0]:
+            return X.tensor(device)
+        print(f"features: {X.folder} ({X.nbytes() / 1e9:.1f} GB) exceeds half the free GPU memory; streaming "
+              "batches from the memory-mapped store")
+    return X
+
+
+def _crc32(path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _shard_ok(folder: Path, j, rows) -> bool:
+    """True if shard j is in `folder` with `rows` rows and the CRC its name carries; damaged copies are deleted."""
+    ok = False
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.glob(f"{j:06d}-*.npy")):
+        try:
+            good = not ok and f"{_crc32(path):08x}" == path.stem[7:] and len(np.load(path, mmap_mode="r")) == rows
+        except (OSError, ValueError):  # unreadable or not a .npy
+            good = False
+        if good:
+            ok = True
+        else:
+            print(f"warning: {path}: damaged (CRC or size does not match); recomputing shard {j}", file=sys.stderr)
+            path.unlink()
+    return ok
+
+
+def extract(folder, n, load, batch_size, workers=0, rank=0, world=1, desc="items", pin=False) -> Store:
+    """The features of n items in the store `folder` -> Store. load() -> (dataset, encode), called only if a shard
+    is missing: encode(batch) -> (B, *row) float tensor of a DataLoader batch of the dataset's items. Shards already
+    in the folder (checked by CRC) are kept, so a cache hit, a resume after a kill and a rerun after damage are the
+    same call. Under torchrun every rank calls it: rank r checks and encodes shards r, r + world, ...; rank 0 writes
+    the index. store.encoded: items this rank encoded (0: all read), in store.seconds."""
+    folder, S, start_time = Path(folder), SHARD_ROWS, time.time()
+    bounds = [(start, min(start + S, n)) for start in range(0, n, S)]
+    todo = [j for j in range(rank, len(bounds), world) if not _shard_ok(folder, j, bounds[j][1] - bounds[j][0])]
+    batches = []  # never across a shard's edge: a shard's batches are the same in every run
+    for j in todo:
+        start, end = bounds[j]
+        batches += [list(range(b, min(b + batch_size, end))) for b in range(start, end, batch_size)]
+    encoded = sum(bounds[j][1] - bounds[j][0] for j in todo)
+    if todo:
+        dataset, encode = load()
+        loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin))
+        with tqdm(total=encoded, desc=desc, unit=desc.split()[0], disable=None) as bar:
+            for j in todo:
+                start, end = bounds[j]
+                rows = []
+                while sum(map(len, rows)) < end - start:
+                    rows.append(encode(next(loader)).float().cpu())
+                    bar.update(len(rows[-1]))
+                _write_shard(folder, j, torch.cat(rows), len(bounds))
+        del loader, dataset, encode  # the encoder goes with them
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        shards = sorted(p.name for p in folder.glob("[0-9]" * 6 + "-*.npy"))
+        row = list(np.load(folder / shards[0], mmap_mode="r").shape[1:])
+        index = {"format": STORE_FORMAT, "n": n, "row": row, "dtype": "float16", "shard_rows": S, "shards": shards}
+        if len(shards) != len(bounds):
+            raise RuntimeError(f"{folder}: {len(shards)} shards after extraction, expected {len(bounds)}")
+        if not (folder / "index.json").is_file() or json.loads((folder / "index.json").read_text()) != index:
+            atomic_save(index, folder / "index.json")
+    if world > 1:
+        dist.barrier()
+    store = Store(folder)
+    store.encoded, store.seconds = encoded, time.time() - start_time
+    return store
+
+
+def _write_shard(folder: Path, j, X, n_shards):
+    a = X.numpy().astype(np.float16)
+    if not np.isfinite(a).all():
+        raise DataError(f"{folder}: shard {j} has features beyond float16's range (max |x| "
+                        f"{X.abs().max().item():.3g}) or NaN; the encoder's outputs need normalising")
+    buf = io.BytesIO()
+    np.save(buf, a)
+    data = buf.getvalue()
+    atomic_write(folder / f"{j:06d}-{zlib.crc32(data):08x}.npy", data,
+                 kept=f"the complete shards in {folder} (a rerun continues after them; {n_shards} in all)")

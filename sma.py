@@ -13,14 +13,13 @@ Commands:
       --epochs 30 --lr 3e-4                            # offline demo, real encoders (time, memory: README)
   python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
   torchrun --nproc_per_node=N sma.py ...               # extraction sharded over ranks, heads trained with DDP
-Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, reused by later runs),
+Writes: <cache-dir>/sma-image-<hash>/, sma-text-<hash>/ (float16 feature stores of K views, of all captions,
+  reused by later runs; docs/SCALE.md),
   <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
   <out>/aligner.pt (the export evaluate.py loads; format in README.md), <out>/eval.json (with --eval).
 Measured on: 2 CPU cores, torch 2.15 (bench/sma_step_cpu.md, bench/sweep_emoji.md); one H100 (bench/sma_step_gpu.md).
 Needs: plumbing.py beside it (readers, encoders, heads, checkpoints); evaluate.py for --eval.
 """
-import hashlib
-import json
 import math
 import os
 import platform
@@ -30,21 +29,20 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from PIL import Image
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 # What this file shares with sotalign.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, generator, head_state,
-                      load_checkpoint, load_encoder, make_head, parse_dataclass, read_cache, read_pairs, save_checkpoint,
-                      schedule, setup)
+from plumbing import (LEAK_TASKS, DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, extract,
+                      generator, head_state, load_checkpoint, load_encoder, make_head, on_device, open_image,
+                      parse_dataclass, read_exclude, read_pairs, refuse_leak, save_checkpoint, schedule, setup,
+                      store_key, without)
 
 
 # ---------------------------------------------------------------------------- args
@@ -54,7 +52,10 @@ LOSSES = ("flqmi", "flvmi", "gcmi", "logdetmi", "infonce", "multipos", "siglip")
 @dataclass
 class Args:
     data: str = arg("", "pairs CSV or open_clip TSV, a row per (image, caption); an image's rows: an entity; or "
-                        "coco:<annotations/captions_<split>.json>", required=True)
+                        "coco:<annotations/captions_<split>.json>, or webdataset tar shards (a/{00000..00099}.tar)",
+                 required=True)
+    exclude: str = arg("", "drop the images named in this file (COCO captions json, or one image per line), by file "
+                           "name: e.g. the Karpathy test split before --eval mscoco")
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title` or `caption`, whichever the header has)")
     sep: str = arg("", "column separator ('' = sniffed from the header)")
@@ -87,6 +88,7 @@ class Args:
     cache_dir: str = arg(".cache", "feature cache folder")
     resume: bool = arg(False, "continue the run in <out>/checkpoint.pt")
     eval: str = arg("", "evaluate.py tasks to run on the export at the end, e.g. `emoji` or `clip14` ('' = none)")
+    dataset_root: str = arg("datasets", "--eval: evaluate.py's --dataset-root (a dataset in <root>/<task>/)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
     workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
     extract_batch_size: int = arg(64, "images or captions per encoder call during extraction", ge=1)
@@ -96,8 +98,8 @@ class Args:
 
 
 # Args that do not change what is trained: --resume may differ in these and nothing else.
-RUN_ONLY = {"out", "overwrite", "cache_dir", "resume", "eval", "device", "workers", "extract_batch_size",
-            "log_every", "ckpt_every", "stop_after_steps"}
+RUN_ONLY = {"out", "overwrite", "cache_dir", "resume", "eval", "dataset_root", "device", "workers",
+            "extract_batch_size", "log_every", "ckpt_every", "stop_after_steps"}
 
 
 def parse_args(argv=None) -> Args:
@@ -126,7 +128,7 @@ class Views(Dataset):
 
     def __getitem__(self, j):
         e, K = self.index[j], len(self.transforms)
-        with torch.random.fork_rng(devices=[]), Image.open(self.images[e]) as im:
+        with torch.random.fork_rng(devices=[]), open_image(self.images[e]) as im:  # a file, or a tar member
             im, views = im.convert("RGB"), []  # decoded here, once, at full size: the random crops need its pixels
             for k, transform in enumerate(self.transforms):
                 torch.manual_seed(self.aug_seed * 1_000_003 + e * K + k)  # torchvision's transforms draw from it
@@ -134,87 +136,49 @@ class Views(Dataset):
             return torch.stack(views)
 
 
-def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_every_s=60.0):
-    """enc.encode(items) in order, in batches -> (len(items), dim) float32 on the CPU (an item of K views: K * enc.dim).
-    Resumable: the features done so far go to `part` every `save_every_s` seconds and a later call starts after them
-    (the part file's name carries the cache key, so it never mixes inputs)."""
-    done = read_cache(part, torch.zeros(0))
-    loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers,
-                        pin_memory="cuda" in enc.device)  # pinned: the copy to the GPU does not block
-    chunks, saved = [done], time.time()
-    with tqdm(total=len(items), initial=len(done), desc=desc, unit=desc.split()[0], disable=None) as bar:
-        for batch in loader:  # (B, K, 3, H, W): the views of B images, or a list of B captions (default_collate)
-            x = batch.flatten(0, 1) if torch.is_tensor(batch) else batch  # (B * K, 3, H, W): one encoder call
-            chunks.append(enc.encode(x).view(len(batch), -1).cpu())  # (B, K * dim)
-            bar.update(len(batch))
-            if time.time() - saved >= save_every_s:
-                atomic_save(torch.cat(chunks), part)
-                saved = time.time()
-    return torch.cat(chunks)
+def cache_key(pairs: Pairs, args: Args, modality) -> str:
+    """Hash of all the features of `modality` depend on: the images (paths, sizes and mtimes), the image encoder, K
+    and the augmentation seed; or the captions and the text encoder. Any change gives another store; nothing stale
+    is ever read. One streamed pass over the items (plumbing.store_key)."""
+    if modality == "image":
+        return store_key([CACHE_VERSION, args.image_encoder, args.views, args.aug_seed], "image", pairs.images)
+    return store_key([CACHE_VERSION, args.text_encoder], "text", (c for caps in pairs.captions for c in caps))
 
 
-def cache_key(pairs: Pairs, args: Args) -> str:
-    """Hash of all the features depend on: the entities (image paths, sizes and mtimes; captions), the encoder
-    specs, K and the augmentation seed. Any change gives another cache file; nothing stale is ever read."""
-    images = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in pairs.images]
-    blob = json.dumps([CACHE_VERSION, images, pairs.captions, args.image_encoder, args.text_encoder, args.views,
-                       args.aug_seed])
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu") -> dict:
+    """Frozen features of every entity's K views and all its captions, in two float16 feature stores
+    (plumbing.extract): read where complete, else extracted in shards, resumably, each rank writing its own.
 
-
-def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", save_every_s=60.0) -> dict:
-    """Frozen features of every entity's K views and all its captions, from the cache or extracted once.
-
-    Returns {"image": (E, K, Di), "text": (C, Dt) all captions in entity order, "counts": (E,) captions per entity,
-    "image_per_s": extraction speed or None}. Under torchrun each rank encodes every world-th item and the shards
-    are gathered; rank 0 writes the cache.
+    Returns {"image": (E, K, Di) Store, "text": (C, Dt) Store of all captions in entity order, "counts": (E,)
+    captions per entity, "image_per_s": extraction speed (views/s) or None when read}.
     """
-    path = Path(args.cache_dir) / f"sma-{cache_key(pairs, args)}.pt"
-    if (cached := read_cache(path)) is not None:  # None: no cache yet, or an unreadable one (warned)
-        if rank == 0:
-            print(f"features: reusing {path}")
-        return cached
     E, K = len(pairs.images), args.views
     texts = [c for caps in pairs.captions for c in caps]
     workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
-    feats, rate = {}, {}
+    out = {"counts": torch.tensor([len(c) for c in pairs.captions]), "image_per_s": None}
     for modality, spec in (("image", args.image_encoder), ("text", args.text_encoder)):
-        enc, image = load_encoder(spec, modality, device), modality == "image"
-        n = E if image else len(texts)  # items: images (K views each, encoded together) or captions
-        items = Views(pairs.images, enc, K, args.aug_seed, range(rank, n, world)) if image else texts[rank::world]
-        start = time.time()
-        mine = encode_all(enc, items, path.with_name(f"{path.stem}.{modality}.part{rank}of{world}.pt"),
-                          max(1, args.extract_batch_size // (K if image else 1)), workers if image else 0,
-                          f"{modality}s {spec}", save_every_s)
-        rate[modality] = n * (K if image else 1) / max(time.time() - start, 1e-9)  # views/s, all ranks together
-        if world > 1:  # every rank gets every shard; item i came from rank i % world
-            shards = [None] * world
-            dist.all_gather_object(shards, mine)
-            mine = torch.empty(n, shards[0].shape[-1])
-            for r, shard in enumerate(shards):
-                mine[r::world] = shard
-        feats[modality] = mine
-        del enc
-    out = {"version": CACHE_VERSION, "image": feats["image"].view(E, K, -1), "text": feats["text"],
-           "counts": torch.tensor([len(c) for c in pairs.captions]), "image_per_s": rate["image"]}
-    if rank == 0:
-        atomic_save(out, path)
-        print(f"features: {E * K} images at {rate['image']:.1f} img/s, {len(texts)} captions at "
-              f"{rate['text']:.1f}/s -> {path}")
-    if world > 1:
-        dist.barrier()
-    for modality in ("image", "text"):  # the cache is complete: the partial files are no longer needed
-        path.with_name(f"{path.stem}.{modality}.part{rank}of{world}.pt").unlink(missing_ok=True)
+        folder, image = Path(args.cache_dir) / f"sma-{modality}-{cache_key(pairs, args, modality)}", modality == "image"
+
+        def load():  # only when a shard is missing
+            enc = load_encoder(spec, modality, device)
+
+            def encode_views(x):  # (B, K, 3, H, W): the views of B images, one encoder call -> (B, K, Di)
+                return enc.encode(x.flatten(0, 1)).view(len(x), K, -1)
+            if image:
+                return Views(pairs.images, enc, K, args.aug_seed, range(E)), encode_views
+            return texts, enc.encode
+        batch = max(1, args.extract_batch_size // (K if image else 1))
+        store = extract(folder, E if image else len(texts), load, batch, workers if image else 0, rank, world,
+                        f"{modality}s {spec}", pin="cuda" in device)  # pinned: the copy to the GPU does not block
+        out[modality] = store
+        rate = store.encoded * world * (K if image else 1) / max(store.seconds, 1e-9)  # all ranks together
+        if rank == 0 and store.encoded:
+            print(f"features: {len(store) * (K if image else 1)} {modality}s at {rate:.1f}/s -> {folder}")
+        elif rank == 0:
+            print(f"features: reusing {folder}")
+        if image and store.encoded:
+            out["image_per_s"] = rate
     return out
-
-
-def padded_texts(feats: dict):
-    """(C, Dt) flat caption features + (E,) counts -> (E, Cmax, Dt) zero-padded features and (E, Cmax) bool mask."""
-    counts = feats["counts"]
-    mask = torch.arange(int(counts.max())) < counts[:, None]  # (E, Cmax): row-major order = the flat order
-    X = feats["text"].new_zeros(*mask.shape, feats["text"].shape[-1])
-    X[mask] = feats["text"]
-    return X, mask
 
 
 def batch_plan(step, seed, E, B, M, K, mask):
@@ -439,9 +403,13 @@ CKPT_FORMAT = "sma-checkpoint/1"
 
 def train(args: Args, feats: dict, rank, world, device, log):
     """Train the heads on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit."""
-    XI = feats["image"].to(device)  # (E, K, Di)
-    XT, TM_host = padded_texts(feats)  # (E, Cmax, Dt), (E, Cmax); the batch plan is drawn on the host (CPU RNG)
-    XT, TM = XT.to(device), TM_host.to(device)
+    # features stay float16 in their stores (or, on a GPU they fit, whole in float16: plumbing.on_device); each
+    # batch is gathered from them and cast to float32
+    XI, XT = on_device(feats["image"], device), on_device(feats["text"], device)  # (E, K, Di), (C, Dt)
+    counts = feats["counts"]
+    first = (counts.cumsum(0) - counts).to(device)  # (E,) row in XT of each entity's first caption
+    TM_host = torch.arange(int(counts.max())) < counts[:, None]  # (E, Cmax) real caption slots; plan drawn on the host
+    TM = TM_host.to(device)
     E, K = XI.shape[:2]
     B = min(args.batch_size, E)  # a multiple of world (check_run)
     total = args.epochs * max(E // B, 1)
@@ -466,7 +434,9 @@ def train(args: Args, feats: dict, rank, world, device, log):
         plan = batch_plan(step, args.seed, E, B, args.captions, K, TM_host)  # CPU tensors
         ent, slots, pick_v, pick_t = (t.to(device) for t in plan)
         mask = TM[ent[:, None], slots]  # (N, M) global
-        zi, zt, scale, bias = ddp(XI[ent[mine]], XT[ent[mine, None], slots[mine]])  # (b, K, d), (b, M, d)
+        rows = (first[ent[mine], None] + slots[mine]).clamp(max=len(XT) - 1)  # (b, M) rows of XT; padding: any row
+        xt = XT[rows.flatten()].to(device, torch.float32).view(*rows.shape, -1) * mask[mine, :, None]  # padding: 0
+        zi, zt, scale, bias = ddp(XI[ent[mine]].to(device, torch.float32), xt)  # (b, K, d), (b, M, d)
         if world > 1:  # the set-level loss needs the whole batch; gradients flow back to each rank's slice
             zi, zt = Gather.apply(zi), Gather.apply(zt)  # (N, K, d), (N, M, d)
         loss, parts = sma_loss(args.loss, zi, zt, mask, scale, bias, pick_v, pick_t, args.eta, args.lambda_div)
@@ -514,8 +484,9 @@ def export(model: Heads, args: Args, metrics, path):
 
 
 # ---------------------------------------------------------------------------- main
-def check_run(args: Args, entities, world):
-    """Everything checkable before extraction and before anything is written into --out; DataError if not."""
+def check_run(args: Args, entities, world, images: list):
+    """Everything checkable before extraction and before anything is written into --out; DataError if not.
+    images: every training image, which no requested evaluation may score."""
     check_folder(args.out, "--out")
     check_folder(args.cache_dir, "--cache-dir")
     aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
@@ -530,7 +501,11 @@ def check_run(args: Args, entities, world):
         raise DataError(f"--batch-size {min(args.batch_size, entities)}: not a multiple of the {world} processes")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
         import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
-        evaluate.resolve_tasks(args.eval)
+        tasks, where = evaluate.resolve_tasks(args.eval), evaluate.Args(dataset_root=args.dataset_root)
+        for name in LEAK_TASKS.keys() & tasks.keys():  # no train/test leak (plumbing.refuse_leak)
+            data, _ = evaluate.read_task(name, tasks[name], where)  # None: not there, and evaluate.py will skip it
+            if data is not None:
+                refuse_leak(images, name, data.files, evaluate.task_root(name, tasks[name], where) / LEAK_TASKS[name])
 
 
 def main(argv=None):
@@ -542,8 +517,12 @@ def main(argv=None):
                        args.skip_bad_rows, image_root=args.image_root or None, subset=args.subset)
     if pairs.skipped:
         log(f"{args.data}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
+    if args.exclude:  # e.g. the Karpathy test images, before --eval mscoco (check_run refuses a leak)
+        kept = without(pairs, read_exclude(args.exclude))
+        log(f"--exclude {args.exclude}: dropped {len(pairs.images) - len(kept.images)} entities")
+        pairs = kept
     log(f"{args.data}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions")
-    check_run(args, len(pairs.images), world)
+    check_run(args, len(pairs.images), world, pairs.images)
     feats = features(pairs, args, rank, world, device)
     model, metrics = train(args, feats, rank, world, device, log)
     results = {}
@@ -556,7 +535,8 @@ def main(argv=None):
             # evaluate.py's default batch of 256 images peaked at 5.4 GB on a CPU: use the extraction batch
             results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
                                      str(out / "eval.json"), "--cache-dir", args.cache_dir,
-                                     "--batch-size", str(args.extract_batch_size), "--device", device])
+                                     "--batch-size", str(args.extract_batch_size), "--device", device,
+                                     "--dataset-root", args.dataset_root])
         atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
                      "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
                      "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),

@@ -16,7 +16,8 @@ Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 \
       --unpaired-batch 256 --steps 200 --lr 1e-3 --eval emoji   # offline demo: 3.5 min on 2 CPU cores, cold cache
   python sotalign.py ... --resume     # continue <out>/checkpoint.pt | torchrun --nproc_per_node=N sotalign.py ...
-Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>.pt (features of each input set), <out>/teacher.pt, aligner.pt
+Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>/ (float16 feature store per input set, docs/SCALE.md),
+  <out>/teacher.pt, aligner.pt
   (aligners evaluate.py loads), checkpoint.pt (training state, atomic), manifest.json, eval*.json (with --eval).
 Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/sweep_emoji.md); one H100
   (bench/sotalign_sinkhorn_gpu.md).
@@ -24,9 +25,7 @@ Needs: plumbing.py beside it (readers, encoders, heads, checkpoints); evaluate.p
 """
 import copy
 import csv
-import hashlib
 import itertools
-import json
 import math
 import os
 import platform
@@ -37,21 +36,20 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from PIL import Image
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 # What this file shares with sma.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (AffineHead, DataError, Encoder, Gather, arg, atomic_save, check_folder, check_image, generator,
-                      head_state, load_checkpoint, load_encoder, make_head, parse_dataclass, read_cache, read_pairs,
-                      save_checkpoint, schedule, setup)
+from plumbing import (LEAK_TASKS, AffineHead, DataError, Gather, Store, arg, atomic_save, check_folder, check_image,
+                      extract, generator, head_state, image_identity, load_checkpoint, load_encoder, make_head,
+                      on_device, open_image, parse_dataclass, read_exclude, read_pairs, read_tars, refuse_leak,
+                      save_checkpoint, schedule, setup, store_key, without)
 
 
 # ---------------------------------------------------------------------------- args
@@ -66,6 +64,11 @@ class Args:
                          "coco:<annotations/captions_<split>.json>", required=True)
     unpaired_images: str = arg("", "a folder or a CSV with an `image` column ('' = none: SigLIP on the pairs only)")
     unpaired_texts: str = arg("", "a .txt (one text per line) or a CSV with a `caption` or `text` column ('' = none)")
+    unpaired_from: str = arg("", "the authors' setting: unpaired images and texts from one paired source (pairs "
+                                 "file, coco:, tar shards) outside --pairs, split in fixed halves: images of one, "
+                                 "captions of the other")
+    exclude: str = arg("", "drop the training images named in this file (COCO captions json, or one image per line), "
+                           "by file name: e.g. the Karpathy test split before --eval mscoco")
     heldout: str = arg("", "held-out pairs file: the teacher's and the heads' retrieval R@1 on it are printed")
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title`, `caption` or `text`, whichever the header has)")
@@ -120,6 +123,7 @@ class Args:
     overwrite: bool = arg(False, "replace a finished or started run in --out (refused without it)")
     cache_dir: str = arg(".cache", "feature cache folder")
     resume: bool = arg(False, "continue the run in <out>/checkpoint.pt")
+    dataset_root: str = arg("datasets", "--eval: evaluate.py's --dataset-root (a dataset in <root>/<task>/)")
     eval: str = arg("", "evaluate.py tasks to run on the teacher and the export at the end, e.g. `emoji` ('' = none)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
     workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
@@ -130,14 +134,16 @@ class Args:
 
 
 # Args that do not change what is trained: --resume may differ in these and nothing else.
-RUN_ONLY = {"heldout", "compile", "out", "overwrite", "cache_dir", "resume", "eval", "device", "workers",
-            "extract_batch_size", "log_every", "ckpt_every", "stop_after_steps"}
+RUN_ONLY = {"heldout", "compile", "out", "overwrite", "cache_dir", "resume", "eval", "dataset_root", "device",
+            "workers", "extract_batch_size", "log_every", "ckpt_every", "stop_after_steps"}
 
 
 def parse_args(argv=None) -> Args:
     a, p = parse_dataclass(Args, __doc__.split("\n")[0], argv)
-    if a.unpaired_negatives and not a.unpaired_images:
-        p.error("argument --unpaired-negatives: needs --unpaired-images and --unpaired-texts")
+    if a.unpaired_negatives and not (a.unpaired_images or a.unpaired_from):
+        p.error("argument --unpaired-negatives: needs --unpaired-images and --unpaired-texts (or --unpaired-from)")
+    if a.unpaired_from and a.unpaired_images:
+        p.error("argument --unpaired-from: replaces --unpaired-images / --unpaired-texts; give one or the other")
     if bool(a.unpaired_images) != bool(a.unpaired_texts):
         p.error("give both --unpaired-images and --unpaired-texts (or neither: the supervised baseline)")
     return a
@@ -151,7 +157,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 def read_unpaired(path, modality, key="", sep="", skip_bad_rows=False) -> list:
     """Unpaired images: every image file under a folder (recursive, sorted) or the `image` column of a CSV (paths
     relative to its folder), each checked like read_pairs. Unpaired texts: a .txt file (one per line, blank lines
-    ignored) or the `caption` / `text` column of a CSV. Bad rows raise DataError naming the file and the row."""
+    ignored) or the `caption` / `text` column of a CSV. Either: webdataset tar shards (a path or brace pattern ending
+    in .tar, plumbing.read_tars), their images or their captions. Bad rows raise DataError naming the file and row."""
+    if str(path).endswith(".tar"):
+        shards = read_tars(path, skip_bad_rows)
+        return shards.images if modality == "image" else [c for caps in shards.captions for c in caps]
     path = Path(path)
     if modality == "image" and path.is_dir():
         rows = [(f"file {f}", str(f)) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -192,7 +202,7 @@ def read_unpaired(path, modality, key="", sep="", skip_bad_rows=False) -> list:
 
 
 class ImageFiles(Dataset):
-    """Item i = the clean eval view (`transform`) of images[i]."""
+    """Item i = the clean eval view (`transform`) of images[i] (a file, or a tar member: plumbing.open_image)."""
 
     def __init__(self, images, transform):
         self.images, self.transform = images, transform
@@ -201,66 +211,52 @@ class ImageFiles(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        with Image.open(self.images[i]) as im:
+        with open_image(self.images[i]) as im:
             return self.transform(im)
 
 
-def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_every_s=60.0):
-    """enc.encode(items) in order, in batches -> (len(items), dim) float32 on the CPU. Resumable: the features done
-    so far go to `part` every `save_every_s` seconds and a later call starts after them (`part` carries the key)."""
-    done = read_cache(part, torch.zeros(0, enc.dim))
-    loader = DataLoader(Subset(items, range(len(done), len(items))), batch_size, num_workers=workers,
-                        pin_memory="cuda" in enc.device)  # pinned: the copy to the GPU does not block
-    chunks, saved = [done], time.time()
-    with tqdm(total=len(items), initial=len(done), desc=desc, unit=desc.split()[0], disable=None) as bar:
-        for batch in loader:  # a batch of (B, 3, H, W) views, or a list of B texts (default_collate keeps str)
-            chunks.append(enc.encode(batch).cpu())
-            bar.update(len(batch))
-            if time.time() - saved >= save_every_s:
-                atomic_save(torch.cat(chunks), part)
-                saved = time.time()
-    return torch.cat(chunks)
-
-
 def cache_key(modality, items, spec) -> str:
-    """Hash of all the features depend on (image paths, sizes, mtimes, or the texts; the encoder spec): never stale."""
-    if modality == "image":
-        items = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in items]
-    return hashlib.sha256(json.dumps([CACHE_VERSION, modality, items, spec]).encode()).hexdigest()[:20]
+    """Hash of all the features depend on (image paths, sizes, mtimes, or the texts; the encoder spec): never stale.
+    One streamed pass over the items (plumbing.store_key)."""
+    return store_key([CACHE_VERSION, spec], modality, items)
 
 
-def features(name, modality, items, args: Args, encoders: dict, rank=0, world=1, device="cpu",
-             save_every_s=60.0) -> torch.Tensor:
-    """(len(items), D) frozen features of one input set (`name`: pairs, unpaired, heldout), from the cache or
-    extracted once. Under torchrun each rank encodes every world-th item and the shards are gathered; rank 0 writes
-    the cache. `encoders` holds the encoders loaded so far (loaded on the first cache miss)."""
-    spec = args.image_encoder if modality == "image" else args.text_encoder
-    path = Path(args.cache_dir) / f"sotalign-{name}-{modality}-{cache_key(modality, items, spec)}.pt"
-    if (cached := read_cache(path)) is not None:  # None: no cache yet, or an unreadable one (warned)
-        print(f"features: reusing {path}") if rank == 0 else None
-        return cached["features"]
-    if modality not in encoders:
-        encoders[modality] = load_encoder(spec, modality, device)
-    enc, n = encoders[modality], len(items)
+def features(name, modality, items, args: Args, encoders: dict, rank=0, world=1, device="cpu") -> Store:
+    """(len(items), D) float16 frozen features of one input set (`name`: pairs, unpaired, heldout), in a feature
+    store (plumbing.extract): read where it is complete, else extracted in shards, resumably, each rank writing its
+    own. `encoders` holds the encoders loaded so far (loaded only when a shard is missing)."""
+    spec, image = (args.image_encoder, True) if modality == "image" else (args.text_encoder, False)
+    folder = Path(args.cache_dir) / f"sotalign-{name}-{modality}-{cache_key(modality, items, spec)}"
     workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
-    mine, part, start = items[rank::world], path.with_name(f"{path.stem}.part{rank}of{world}.pt"), time.time()
-    mine = encode_all(enc, ImageFiles(mine, enc.transform) if modality == "image" else mine, part,
-                      args.extract_batch_size, workers if modality == "image" else 0, f"{modality}s {name}",
-                      save_every_s)
-    rate = n / max(time.time() - start, 1e-9)  # all ranks together
-    if world > 1:  # every rank gets every shard; item i came from rank i % world
-        shards = [None] * world
-        dist.all_gather_object(shards, mine)
-        mine = torch.empty(n, enc.dim)
-        for r, shard in enumerate(shards):
-            mine[r::world] = shard
-    if rank == 0:
-        atomic_save({"version": CACHE_VERSION, "features": mine, "items_per_s": rate}, path)
-        print(f"features: {n} {name} {modality}s at {rate:.1f}/s -> {path}")
-    if world > 1:
-        dist.barrier()
-    part.unlink(missing_ok=True)  # the cache is complete: the partial file is no longer needed
-    return mine
+
+    def load():
+        if modality not in encoders:
+            encoders[modality] = load_encoder(spec, modality, device)
+        enc = encoders[modality]
+        return (ImageFiles(items, enc.transform) if image else items), enc.encode
+
+    store = extract(folder, len(items), load, args.extract_batch_size, workers if image else 0, rank, world,
+                    f"{modality}s {name}", pin="cuda" in device)  # pinned: the copy to the GPU does not block
+    if rank == 0 and store.encoded:
+        print(f"features: {len(items)} {name} {modality}s at {store.encoded * world / store.seconds:.1f}/s -> "
+              f"{folder}")
+    elif rank == 0:
+        print(f"features: reusing {folder}")
+    return store
+
+
+def halves(source, paired_images) -> tuple:
+    """--unpaired-from: unpaired images and texts from one paired source, as the authors drew CC3M's: the source's
+    entities whose image is not a pair's, in a fixed-seed random order; the images of the first half and the
+    captions of the second, so that no unpaired text describes an unpaired image -> (images, texts)."""
+    taken = {image_identity(p) for p in paired_images}
+    rest = [e for e, image in enumerate(source.images) if image_identity(image) not in taken]
+    # not specified in the paper; we use seed 0 (fixed: the halves do not change with --seed)
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(0)).tolist()
+    half = len(rest) // 2
+    images = [source.images[rest[i]] for i in order[:half]]
+    texts = [c for i in order[half:] for c in source.captions[rest[i]]]
+    return images, texts
 
 
 def draw(seed, stream, N, B, step) -> torch.Tensor:
@@ -583,8 +579,11 @@ class Lion(torch.optim.Optimizer):
 
 def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
     """Stage 2 on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit.
-    pairs: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None; teacher: its AffineHeads."""
-    PI, PT, counts = pairs["image"].to(device), pairs["text"].to(device), pairs["counts"].to(device)
+    pairs: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None (stores or tensors);
+    teacher: its AffineHeads."""
+    # features stay float16 in their stores (or, on a GPU they fit, whole in float16: plumbing.on_device); each
+    # batch is gathered from them and cast to float32 (rows)
+    PI, PT, counts = on_device(pairs["image"], device), on_device(pairs["text"], device), pairs["counts"].to(device)
     first = counts.cumsum(0) - counts  # (E,) index in PT of each entity's first caption
     E = len(PI)
     # unpaired batches are drawn only when a term uses them: KLOT, the extra negatives, STRUCTURE
@@ -593,16 +592,23 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
     Bp = max(min(args.paired_batch, E) // world, 1) * world  # multiples of world: each rank takes an equal slice
     B = (Bp,)  # (pairs,) or (pairs, unpaired images, unpaired texts) per step
     if unpaired:
-        UI, UT = UI.to(device), UT.to(device)
+        UI, UT = on_device(UI, device), on_device(UT, device)
         Bu = max(min(args.unpaired_batch, len(UI)) // world, 1) * world
         Bv = max(min(args.unpaired_batch, len(UT)) // world, 1) * world
         B = (Bp, Bu, Bv)
-    if ot:
-        with torch.no_grad():  # K* = the teacher's score (its cosine; CSA's rho-weighted); fixed, so embedded once
-            image_teacher = copy.deepcopy(teacher[0]).to(device)  # copies: the caller's heads stay where they are
-            text_teacher = copy.deepcopy(teacher[1]).to(device)
-            TI = score_weighted(image_teacher, F.normalize(image_teacher(UI), dim=-1))  # (U, k)
-            TT = F.normalize(text_teacher(UT), dim=-1)  # (V, k)
+
+    def rows(X, idx):  # (len(idx), D) float32 on the device
+        return X[idx].to(device, torch.float32)
+
+    if ot:  # copies: the caller's teacher heads stay where they are
+        image_teacher = copy.deepcopy(teacher[0]).to(device)
+        text_teacher = copy.deepcopy(teacher[1]).to(device)
+
+    @torch.no_grad()
+    def K_star(ii, tt):  # the teacher's score (its cosine; CSA's rho-weighted), per batch: 1M embeddings are not kept
+        ti = score_weighted(image_teacher, F.normalize(image_teacher(rows(UI, ii)), dim=-1))  # (n, k)
+        tu = F.normalize(text_teacher(rows(UT, tt)), dim=-1)  # (m, k)
+        return ti @ tu.T
     # not specified in the paper; we use epoch = one pass over the larger unpaired set (over the pairs without it)
     per_epoch = math.ceil(max(len(UI), len(UT)) / args.unpaired_batch) if unpaired else math.ceil(E / Bp)
     total = args.steps or args.epochs * per_epoch
@@ -639,12 +645,12 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
         # not specified in the paper; we use one random caption per paired image per step
         pick = torch.rand(Bp, generator=generator(args.seed, 3, step)).to(device)
         cap = first[ent] + (pick * counts[ent]).long()
-        xi, xt = [PI[mine(ent)]], [PT[mine(cap)]]
+        xi, xt = [rows(PI, mine(ent))], [rows(PT, mine(cap))]
         if unpaired:
             ii = draw(args.seed, 1, len(UI), Bu, step).to(device)  # (Bu,) unpaired images
             tt = draw(args.seed, 2, len(UT), Bv, step).to(device)  # (Bv,) unpaired texts
-            xi.append(UI[mine(ii)])
-            xt.append(UT[mine(tt)])
+            xi.append(rows(UI, mine(ii)))
+            xt.append(rows(UT, mine(tt)))
         zi, zt, scale, bias = ddp(torch.cat(xi), torch.cat(xt))  # one forward: DDP wants one per backward
         z = [zi[:Bp // world], zt[:Bp // world]] + ([zi[Bp // world:], zt[Bp // world:]] if unpaired else [])
         raw = [xi[0], xt[0]] + xi[1:] + xt[1:]  # the frozen features in z's order (STRUCTURE compares with them)
@@ -663,7 +669,7 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
             loss = loss + args.lambda_structure * parts["struct"]
         if ot:
             try:  # K = student cosine similarities (n, m), K* = teacher's
-                l_ot, p_ot = klot(z[2] @ z[3].T, TI[ii] @ TT[tt].T, args.eps, args.eps_teacher,
+                l_ot, p_ot = klot(z[2] @ z[3].T, K_star(ii, tt), args.eps, args.eps_teacher,
                                   args.sinkhorn_iters, args.sinkhorn_tol, args.compile)
             except FloatingPointError as e:
                 halt(e)
@@ -723,8 +729,9 @@ def r1(m) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-def check_run(args: Args, sizes: list):
-    """Everything checkable before extraction and before anything is written into --out; DataError if not."""
+def check_run(args: Args, sizes: list, images: list):
+    """Everything checkable before extraction and before anything is written into --out; DataError if not.
+    images: every training image (pairs and unpaired), which no requested evaluation may score."""
     check_folder(args.out, "--out")
     check_folder(args.cache_dir, "--cache-dir")
     aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
@@ -738,7 +745,11 @@ def check_run(args: Args, sizes: list):
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
         import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
-        evaluate.resolve_tasks(args.eval)
+        tasks, where = evaluate.resolve_tasks(args.eval), evaluate.Args(dataset_root=args.dataset_root)
+        for name in LEAK_TASKS.keys() & tasks.keys():  # no train/test leak (plumbing.refuse_leak)
+            data, _ = evaluate.read_task(name, tasks[name], where)  # None: not there, and evaluate.py will skip it
+            if data is not None:
+                refuse_leak(images, name, data.files, evaluate.task_root(name, tasks[name], where) / LEAK_TASKS[name])
 
 
 def main(argv=None):
@@ -750,30 +761,40 @@ def main(argv=None):
     pairs = read_pairs(args.pairs, *keys, image_root=args.image_root or None, subset=args.subset)
     heldout = read_pairs(args.heldout, *keys) if args.heldout else None
     images = texts = None
+    excluded = read_exclude(args.exclude) if args.exclude else set()
+    pairs = without(pairs, excluded)
     if args.unpaired_images:
         images = read_unpaired(args.unpaired_images, "image", args.image_key, args.sep, args.skip_bad_rows)
         texts = read_unpaired(args.unpaired_texts, "text", args.caption_key, args.sep, args.skip_bad_rows)
+        images = [p for p in images if image_identity(p) not in excluded]
+    if args.unpaired_from:
+        images, texts = halves(without(read_pairs(args.unpaired_from, *keys), excluded), pairs.images)
     log(f"{args.pairs}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions"
         + (f"; unpaired: {len(images)} images, {len(texts)} texts" if images else "; no unpaired data"))
-    check_run(args, [len(x) for x in (pairs.images, images, texts) if x is not None])
+    check_run(args, [len(x) for x in (pairs.images, images, texts) if x is not None],
+              pairs.images + (images or []))
     encoders = {}  # the frozen encoders loaded so far (features loads one on its first cache miss)
 
-    def pair_features(name, p):  # {"image": (E, Di) clean views, "text": (C, Dt) all captions, "counts": (E,)}
+    def pair_features(name, p):  # stores: {"image": (E, Di) clean views, "text": (C, Dt) all captions, "counts": (E,)}
         captions = [c for cs in p.captions for c in cs]
         return {"image": features(name, "image", p.images, args, encoders, rank, world, device),
                 "text": features(name, "text", captions, args, encoders, rank, world, device),
                 "counts": torch.tensor([len(c) for c in p.captions])}
-    pair_feats = pair_features("pairs", pairs)
-    heldout_feats = pair_features("heldout", heldout) if heldout else None
+
+    def dense(stores):  # stage 1 and the R@1 read the pairs whole, in float32 (the small sets)
+        return {**stores, "image": stores["image"].tensor().float(), "text": stores["text"].tensor().float()}
+    pair_feats = pair_features("pairs", pairs)  # stage 2 reads its batches from these stores
+    heldout_feats = dense(pair_features("heldout", heldout)) if heldout else None
     UI = UT = None
     if images:
         UI = features("unpaired", "image", images, args, encoders, rank, world, device)
         UT = features("unpaired", "text", texts, args, encoders, rank, world, device)
     encoders.clear()  # frees the frozen encoders before training
     # stage 1: the teacher, closed form, fitted in float64
-    teacher = fit_teacher(pair_feats, args.teacher, args.teacher_reg, args.csa_dim, args.eig_floor,
+    pair_dense = dense(pair_feats)
+    teacher = fit_teacher(pair_dense, args.teacher, args.teacher_reg, args.csa_dim, args.eig_floor,
                           args.teacher_captions)
-    scores = {"train": recall_at_1(teacher, pair_feats)}
+    scores = {"train": recall_at_1(teacher, pair_dense)}
     if heldout_feats:
         scores["heldout"] = recall_at_1(teacher, heldout_feats)
     log(f"teacher {args.teacher}: " + " | ".join(f"{k} R@1 {r1(v)}" for k, v in scores.items()))
@@ -797,7 +818,8 @@ def main(argv=None):
             def evaluate_export(aligner, output):
                 return evaluate.main(["--aligner", str(out / aligner), "--tasks", args.eval, "--output",
                                       str(out / output), "--cache-dir", args.cache_dir, "--batch-size",
-                                      str(args.extract_batch_size), "--device", device])
+                                      str(args.extract_batch_size), "--device", device,
+                                      "--dataset-root", args.dataset_root])
             results = evaluate_export("aligner.pt", "eval.json")
             teacher_results = evaluate_export("teacher.pt", "eval_teacher.json")
             log(f"teacher: {teacher_results['summary']}")

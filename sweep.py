@@ -381,7 +381,8 @@ def sweep(a):
     pairs = sma.read_pairs(a.data)
     sargs = sma.Args(data=a.data, image_encoder=a.image_encoder, text_encoder=a.text_encoder, views=a.views,
                      cache_dir=a.cache_dir)
-    F_ = sma.features(pairs, sargs)
+    F_ = sma.features(pairs, sargs)  # float16 stores; the sweep's sets are small: whole, in float32
+    F_ = {**F_, "image": F_["image"].tensor().float(), "text": F_["text"].tensor().float()}
     train_ids, val_ids = val_split(pairs, a.val_pct)
     a.n_train = len(train_ids)
     heldout = load_tasks(a.heldout, common, a.cache_dir)

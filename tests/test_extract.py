@@ -70,8 +70,10 @@ def test_k_views_of_n_images_cost_n_decodes(monkeypatch, tmp_path, jpegs):
     monkeypatch.setattr(Image, "open", counting_open)
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
     views = sma.Views(images, enc, K, 0, range(len(images)))
-    X = sma.encode_all(enc, views, tmp_path / "never.pt", 4, 0, "images", save_every_s=1e9)
-    assert X.shape == (len(images), K * enc.dim)
+    def encode(x):  # (B, K, 3, H, W) -> (B, K, dim)
+        return enc.encode(x.flatten(0, 1)).view(len(x), K, -1)
+    X = sma.extract(tmp_path / "store", len(images), lambda: (views, encode), 4)
+    assert X.shape == (len(images), K, enc.dim)
     assert sorted(opened) == sorted(images) and sorted(decoded) == sorted(images)  # n opens, n decodes, not K n
 
 

@@ -99,7 +99,7 @@ def test_encoders_on_cuda_give_the_cpu_features_within_bf16_error():
 
 @pytest.mark.parametrize("spec", ["timm-random:test_vit", "offline:efficientnet-lite0"])
 def test_extraction_on_cuda_pinned_non_blocking_matches_cpu_within_bf16_error(spec, tmp_path):
-    """sma.py's decode-once Views through encode_all on CUDA: DataLoader workers, pinned batches, non_blocking copies
+    """sma.py's decode-once Views through the feature store (plumbing.extract) on CUDA: DataLoader workers, pinned batches, non_blocking copies
     (and EfficientNet-Lite0 in channels_last) give the CPU features within bf16 error. Written without a GPU (issue
     13): unverified until this runs on one."""
     if spec.startswith("offline"):
@@ -109,8 +109,11 @@ def test_extraction_on_cuda_pinned_non_blocking_matches_cpu_within_bf16_error(sp
     for device, workers in (("cpu", 0), ("cuda", 2)):
         enc = sma.load_encoder(spec, "image", device)
         views = sma.Views(images, enc, 2, 0, range(len(images)))
-        out[device] = sma.encode_all(enc, views, tmp_path / f"{device}.pt", 8, workers, "images", save_every_s=1e9)
-    assert out["cuda"].shape == out["cpu"].shape == (24, 2 * enc.dim)
+        def encode(x):  # (B, 2, 3, H, W) -> (B, 2, dim)
+            return enc.encode(x.flatten(0, 1)).view(len(x), 2, -1)
+        store = sma.extract(tmp_path / device, len(images), lambda: (views, encode), 8, workers, pin=device == "cuda")
+        out[device] = store.tensor().float()
+    assert out["cuda"].shape == out["cpu"].shape == (24, 2, enc.dim)
     assert rel_err(out["cuda"], out["cpu"].double()) < 3e-2
 
 
