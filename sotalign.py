@@ -745,7 +745,8 @@ def check_run(args: Args, sizes: list, images: list):
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
     if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
         import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
-        tasks, where = evaluate.resolve_tasks(args.eval), evaluate.Args(dataset_root=args.dataset_root)
+        tasks = evaluate.resolve_tasks(args.eval)
+        where = evaluate.Args(dataset_root=args.dataset_root, partial=True)  # a partial copy of a split leaks too
         for name in LEAK_TASKS.keys() & tasks.keys():  # no train/test leak (plumbing.refuse_leak)
             data, _ = evaluate.read_task(name, tasks[name], where)  # None: not there, and evaluate.py will skip it
             if data is not None:
