@@ -1,8 +1,9 @@
 """SMA — Submodular Modality Aligner (Pham, Majee, Iyer, 2026; arXiv 2605.12872): a reference implementation.
 
 A FROZEN image encoder and a FROZEN text encoder are aligned by two small trainable heads. Each entity of the data is
-a pair of sets: K augmented views of its image and its M captions. The loss is a set-level contrastive objective over
-Submodular Mutual Information (SMI) between an entity's image set and every caption set of the batch (default FLQMI).
+a pair of sets: K images of it (its pictures, --depictions, then augmented views) and its M captions. The loss is a
+set-level contrastive objective over Submodular Mutual Information (SMI) between an entity's image set and every
+caption set of the batch (default FLQMI).
 Only the abstract could be read: docs/SMA.md separates what the paper states from what we reconstruct, and
 every choice of ours is tagged below (`# not specified in the paper; we use ...`, `# deviation: ...`).
 
@@ -42,9 +43,9 @@ from tqdm import tqdm
 # What this file shares with sotalign.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, generator, head_state,
-                      load_checkpoint, load_encoder, make_head, parse_dataclass, read_cache, read_pairs, save_checkpoint,
-                      schedule, setup)
+from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, check_image, generator,
+                      head_state, load_checkpoint, load_encoder, make_head, parse_dataclass, read_cache, read_pairs,
+                      save_checkpoint, schedule, setup)
 
 
 # ---------------------------------------------------------------------------- args
@@ -64,6 +65,8 @@ class Args:
     image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
     text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
     views: int = arg(2, "K: image views per entity (view 0 the clean eval view, the rest augmented)", ge=1)
+    depictions: str = arg("", "CSV image,depiction: more images of the entity whose --data image is `image`; views "
+                              "0..n-1 are its n images (clean), the rest augmentations of them in turn ('' = none)")
     captions: int = arg(5, "M: captions per entity per step (more: M drawn each step; fewer: padded)", ge=1)
     aug_seed: int = arg(0, "seed of the augmented views (part of the feature-cache key)")
     loss: str = arg("flqmi", "SMI losses flqmi, flvmi, gcmi, logdetmi; baselines infonce, multipos, siglip",
@@ -108,9 +111,35 @@ def parse_args(argv=None) -> Args:
 CACHE_VERSION = 2  # 2: a partial file holds one row per image (its K views concatenated), not one per view
 
 
+def image_sets(pairs: Pairs, path: str) -> list:
+    """(E,) each entity's images: its --data image, then the depictions the CSV `path` (image,depiction; relative
+    paths from its folder) lists for it, in file order; [[image] per entity] without a file. DataError on a row
+    whose image is no entity's or whose depiction is not a readable image."""
+    sets = {p: [p] for p in pairs.images}
+    if not path:
+        return list(sets.values())
+    import csv
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--depictions {path}: file not found; give the image,depiction CSV")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row, r in enumerate(rows, start=2):
+        image, depiction = (str((path.parent / (r.get(k) or "")).resolve()) for k in ("image", "depiction"))
+        if image not in sets:
+            raise DataError(f"{path}: row {row}: image {r.get('image')!r} is no entity's image in --data; the first "
+                            "column names an image of the pairs file, the second another picture of that entity")
+        if problem := check_image(depiction):
+            raise DataError(f"{path}: row {row}: {problem}")
+        sets[image].append(depiction)
+    return list(sets.values())
+
+
 class Views(Dataset):
-    """Item j = the K views (K, 3, H, W) of image e = index[j] (this rank's shard) from one decode: view 0 the clean
-    eval view, 1..K-1 augmentations; view k is seeded by (aug_seed, e * K + k), whatever the worker, ranks or resume."""
+    """Item j = the K views (K, 3, H, W) of entity e = index[j] (this rank's shard), each image decoded once: views
+    0..n-1 the clean eval views of its n images (image_sets), n..K-1 augmentations of them in turn (image k % n);
+    view k is seeded by (aug_seed, e * K + k), whatever the worker, ranks or resume. One image: view 0 clean, the
+    rest augmented."""
 
     def __init__(self, images, enc: Encoder, K, aug_seed, index):
         import torchvision.transforms as T
@@ -118,20 +147,24 @@ class Views(Dataset):
         aug = T.Compose([
             T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(enc.mean, enc.std)])
-        self.transforms = [enc.transform] + [aug] * (K - 1)  # aug sees RGB: __getitem__ converts first
-        self.images, self.aug_seed, self.index = images, aug_seed, index
+        self.clean, self.aug, self.K = enc.transform, aug, K  # aug sees RGB: __getitem__ converts first
+        self.images, self.aug_seed, self.index = images, aug_seed, index  # images: (E,) lists of paths
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, j):
-        e, K = self.index[j], len(self.transforms)
-        with torch.random.fork_rng(devices=[]), Image.open(self.images[e]) as im:
-            im, views = im.convert("RGB"), []  # decoded here, once, at full size: the random crops need its pixels
-            for k, transform in enumerate(self.transforms):
+        e, K = self.index[j], self.K
+        ims = []
+        for p in self.images[e][:K]:  # decoded here, once, at full size: the random crops need its pixels
+            with Image.open(p) as im:
+                ims.append(im.convert("RGB"))
+        views = []
+        with torch.random.fork_rng(devices=[]):
+            for k in range(K):
                 torch.manual_seed(self.aug_seed * 1_000_003 + e * K + k)  # torchvision's transforms draw from it
-                views.append(transform(im))
-            return torch.stack(views)
+                views.append((self.clean if k < len(ims) else self.aug)(ims[k % len(ims)]))
+        return torch.stack(views)
 
 
 def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_every_s=60.0):
@@ -154,9 +187,13 @@ def encode_all(enc: Encoder, items, part: Path, batch_size, workers, desc, save_
 
 
 def cache_key(pairs: Pairs, args: Args) -> str:
-    """Hash of all the features depend on: the entities (image paths, sizes and mtimes; captions), the encoder
-    specs, K and the augmentation seed. Any change gives another cache file; nothing stale is ever read."""
+    """Hash of all the features depend on: the entities (image paths, sizes and mtimes, with their depictions;
+    captions), the encoder specs, K and the augmentation seed. Any change gives another cache file; nothing stale
+    is ever read."""
     images = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in pairs.images]
+    if args.depictions:  # the entities' other images too (without: the key of a run before --depictions existed)
+        images = [[(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in ps]
+                  for ps in image_sets(pairs, args.depictions)]
     blob = json.dumps([CACHE_VERSION, images, pairs.captions, args.image_encoder, args.text_encoder, args.views,
                        args.aug_seed])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -181,7 +218,8 @@ def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", save_every
     for modality, spec in (("image", args.image_encoder), ("text", args.text_encoder)):
         enc, image = load_encoder(spec, modality, device), modality == "image"
         n = E if image else len(texts)  # items: images (K views each, encoded together) or captions
-        items = Views(pairs.images, enc, K, args.aug_seed, range(rank, n, world)) if image else texts[rank::world]
+        items = (Views(image_sets(pairs, args.depictions), enc, K, args.aug_seed, range(rank, n, world)) if image
+                 else texts[rank::world])
         start = time.time()
         mine = encode_all(enc, items, path.with_name(f"{path.stem}.{modality}.part{rank}of{world}.pt"),
                           max(1, args.extract_batch_size // (K if image else 1)), workers if image else 0,
@@ -543,6 +581,7 @@ def main(argv=None):
     if pairs.skipped:
         log(f"{args.data}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
     log(f"{args.data}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions")
+    image_sets(pairs, args.depictions)  # a bad --depictions file stops here, before any compute
     check_run(args, len(pairs.images), world)
     feats = features(pairs, args, rank, world, device)
     model, metrics = train(args, feats, rank, world, device, log)

@@ -212,7 +212,8 @@ def pair_rows(ents, artist="noto"):
 
 
 def class_rows(ents, artists, classes):
-    return [["image", "class"]] + [[image(a, e), e["subgroup"]] for e in ents for a in artists
+    """image,class rows for zeroshot/: the paths relative to that folder, as every list here."""
+    return [["image", "class"]] + [["../" + image(a, e), e["subgroup"]] for e in ents for a in artists
                                    if e["subgroup"] in classes]
 
 
