@@ -535,7 +535,8 @@ def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, ma
     base, tag = metric.partition(":")[0], tag_of(metric)
     signal = "claim" if stage == "claim" else "zeroshot" if base == "zs_acc1" else "retrieval"
     ha, hb = (item_hits(results, m, budget, range(10 ** 6), signal, stage, M, matched, k) for m, k in zip((a, b), K))
-    seeds = sorted(s for s in set(ha) & set(hb) if all(f"i2t{tag}" in h[s] or f"zs{tag}" in h[s] for h in (ha, hb)))
+    need = ("zs" if base == "zs_acc1" else "i2t") + tag
+    seeds = sorted(s for s in set(ha) & set(hb) if need in ha[s] and need in hb[s])
     if not seeds:
         return None
     avg = lambda h, k: torch.stack([h[s][k + tag] for s in seeds]).mean(0)  # noqa: E731
@@ -572,10 +573,12 @@ def report(a, results, budgets):
     C = cells(results)
     methods = [m for m in a.methods if any(k[0] == m for k in C)]
     text_image, chance, task_tags = {}, {}, [""]  # per task tag ("" = the headline tasks, ":openmoji", ...)
+    metrics = ["zs_acc1", "R@1"]  # the bootstrapped ones: each task's headline metric, with its tag
     if any(r["stage"] in ("run", "claim") for r in results.rows):  # the tasks' labels (cached; no encoder loads)
         tasks = load_tasks(a.heldout, {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder},
                            a.cache_dir)
         task_tags = list(dict.fromkeys(t["tag"] for t in tasks.values()))
+        metrics = [("zs_acc1" if t["kind"] == "zeroshot" else "R@1") + t["tag"] for t in tasks.values()]
         for t in tasks.values():
             if t["kind"] == "retrieval":  # a random ranking's R@1
                 text_image[t["tag"]], chance["R@1" + t["tag"]] = t["text_image"], 1 / len(t["image"])
@@ -600,7 +603,7 @@ def report(a, results, budgets):
     tables = [("zs_acc1", "held-out zero-shot acc1 (%)"), ("R@1", "held-out retrieval R@1, (i2t + t2i) / 2 (%)"),
               ("i2t_R@1", "held-out i2t R@1 (%)"), ("t2i_R@1", "held-out t2i R@1 (%)"),
               ("gap", "modality gap, held-out retrieval pairs")]
-    tables += [(m + t, f"{title} on task{t}") for t in task_tags[1:] for m, title in tables[:2]]
+    tables += [(m, f"{dict(tables)[m.partition(':')[0]]} on task{tag_of(m)}") for m in metrics if ":" in m]
     for metric, title in tables:
         L += [f"### {title}", "", "| method | " + " | ".join(f"{b} ({n})" for b, n in budgets) + " |",
               "|---|" + "---|" * len(budgets)]
@@ -616,7 +619,6 @@ def report(a, results, budgets):
         return (f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ±{50 * (r[2] - r[1]):.1f}"
                 + (f" (n = {r[3]}, {r[4]} seeds)" if seeds else ""))
 
-    metrics = [m + t for t in task_tags for m in ("zs_acc1", "R@1")]
     L += ["### Paired bootstrap, 95% intervals of the difference (points of %), held-out items", "",
           "Each method's per-item hits are averaged over the seeds, then the held-out items are resampled (2,000 "
           "times). `±x` is the interval's half-width: the minimal detectable difference (MDD) of this set for that "
@@ -690,7 +692,7 @@ def report(a, results, budgets):
                 L.append(f"| {m} | {b} | {short(ch['zeroshot'])} | {short(ch['retrieval'])} |")
     Path(f"{a.out}.md").write_text("\n".join(L) + "\n", encoding="utf-8")
 
-    panels = HEADLINE + [(m + t, f"{title}{t}") for t in task_tags[1:] for m, title in HEADLINE[:2]]
+    panels = HEADLINE + [(m, f"{dict(HEADLINE)[m.partition(':')[0]]}{tag_of(m)}") for m in metrics if ":" in m]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (metric, title) in zip(axes, panels):
         for m in methods:
