@@ -5,11 +5,12 @@ mean +- std over seeds, a plot of score against the number of pairs, paired boot
 Both papers claim that with little paired data their method beats the baselines (SMA, arXiv 2605.12872; SOTAlign,
 arXiv 2602.23353). This drives sma.py and sotalign.py in-process on one feature cache:
 
-  python sweep.py --data examples/emoji/train.csv --heldout emoji --val-classes examples/emoji/subgroups.csv \
+  python sweep.py --data examples/emoji/train.csv --depictions examples/emoji/depictions.csv --views 3 \
+      --heldout emoji_all --val-tasks emoji_val \
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 \
-      --budgets 5%,10%,25%,50%,100% --seeds 0,1,2 --claim-budgets 5%,25%,100% --threads 1 \
-      --methods multipos,flqmi,infonce,siglip,teacher,siglip-pairs,sotalign --out bench/sweep_emoji
-  (about 30 min on 2 CPU cores shared with other jobs, extraction included: bench/sweep_emoji.md has the split)
+      --budgets 5%,25%,100% --seeds 0,1,2 --claim-seeds 0,1,2,3,4 --claim-budgets 25%,100% --claim-views 1,3 \
+      --threads 1 --methods multipos,flqmi,teacher,siglip-pairs,sotalign,infonce,siglip --out bench/sweep_emoji
+  (bench/sweep_emoji.md has its time on 2 CPU cores shared with other jobs, extraction included)
   (the same command again continues a cut sweep: finished runs are read back from <out>.jsonl, never redone)
 
 Writes <out>.jsonl (one row per finished run, appended and fsynced), <out>.md (tables), <out>.png (plots). A method
@@ -21,8 +22,13 @@ Protocol (every choice here is ours, not the papers'):
   eval transform) and all its captions. SMA methods train on all K views; the SOTAlign methods (teacher, siglip-pairs,
   sotalign) see view 0 only, which is what sotalign.py itself extracts. Held-out tasks: evaluate.py's readers,
   encoders and cache (<cache-dir>/eval), so the raw features are shared with `python evaluate.py`.
-- Validation: --val-pct % of the --data entities, chosen by sha1 of the image path (fixed, the same for every seed and
-  budget), never trained on. The held-out tasks are never used to choose anything.
+- Validation: --val-tasks, evaluate.py tasks on validation entities of their own (the emoji set's emoji_val: the
+  same four tasks as the held-out ones, on 220 entities in no training file), or else --val-pct % of the --data
+  entities, chosen by sha1 of the image path; fixed, the same for every seed and budget, never trained on. The
+  held-out tasks are never used to choose anything.
+- Views: with --depictions an entity's K views are its drawings by K artists (the emoji set: Noto, Twemoji,
+  Fluent), else view 0 and augmentations of it. Held-out tasks after the first of each kind are scored under a tag
+  (emoji_zeroshot_openmoji -> zs_acc1:openmoji: an artist never seen in training).
 - Budgets: a budget is a number (`100`) or a percentage (`5%`) of the remaining training entities. The paired set of
   a budget is a prefix of a permutation of the training entities drawn from the seed, so budgets are nested within a
   seed. For sotalign the training entities outside the budget become its unpaired data, cut into two disjoint halves
@@ -46,9 +52,11 @@ Protocol (every choice here is ours, not the papers'):
 - Uncertainty: mean +- std over seeds per cell; for the headline comparisons (COMPARE) a paired bootstrap over the
   held-out items (the same images / entities scored by both methods, per-item hits averaged over the seeds both
   ran), 2,000 resamples, 95% percentile interval of the difference.
-- SMA's claim: FLQMI against multi-positive InfoNCE at a matched config (same lr, steps, fixed tau, views, heads)
-  with M = 1 and M = 5 captions per step, --claim-seeds seeds, at each --claim-budgets budget, once at multipos's
-  and once at flqmi's zero-shot-selected config (so neither method runs only at the other's optimum).
+- SMA's claim: FLQMI against multi-positive InfoNCE at a matched config (same lr, steps, fixed tau, heads) with
+  K in --claim-views views (the first K) and M = 1 and M = 5 captions per step, --claim-seeds seeds, at each
+  --claim-budgets budget, once at multipos's and once at flqmi's zero-shot-selected config (so neither method runs
+  only at the other's optimum). The same runs give K = max - K = min per loss: several depictions against one.
+- Resolution: each paired interval's half-width is the minimal detectable difference (MDD) of the set for it.
 """
 import argparse
 import csv
