@@ -148,7 +148,8 @@ class Views(Dataset):
             T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(enc.mean, enc.std)])
         self.clean, self.aug, self.K = enc.transform, aug, K  # aug sees RGB: __getitem__ converts first
-        self.images, self.aug_seed, self.index = images, aug_seed, index  # images: (E,) lists of paths
+        # images: (E,) an entity's paths (image_sets), or one path each (as before --depictions)
+        self.images, self.aug_seed, self.index = [[p] if isinstance(p, str) else p for p in images], aug_seed, index
 
     def __len__(self):
         return len(self.index)
