@@ -580,12 +580,11 @@ def report(a, results, budgets):
     import matplotlib.pyplot as plt
     C = cells(results)
     methods = [m for m in a.methods if any(k[0] == m for k in C)]
-    text_image, chance, task_tags = {}, {}, [""]  # per task tag ("" = the headline tasks, ":openmoji", ...)
+    text_image, chance = {}, {}  # per task tag ("" = the headline tasks, ":openmoji", ...)
     metrics = ["zs_acc1", "R@1"]  # the bootstrapped ones: each task's headline metric, with its tag
     if any(r["stage"] in ("run", "claim") for r in results.rows):  # the tasks' labels (cached; no encoder loads)
         tasks = load_tasks(a.heldout, {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder},
                            a.cache_dir)
-        task_tags = list(dict.fromkeys(t["tag"] for t in tasks.values()))
         metrics = [("zs_acc1" if t["kind"] == "zeroshot" else "R@1") + t["tag"] for t in tasks.values()]
         for t in tasks.values():
             if t["kind"] == "retrieval":  # a random ranking's R@1
