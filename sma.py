@@ -12,6 +12,7 @@ Commands:
   python sma.py --data examples/emoji/train.csv --image-encoder offline:efficientnet-lite0 \
       --text-encoder offline:all-minilm-l6-v2 --eval emoji --dim 512 --hidden 1024 --batch-size 256 \
       --epochs 30 --lr 3e-4                            # offline demo, real encoders (time, memory: README)
+  python sma.py ... --depictions examples/emoji/depictions.csv --views 3   # image set: 3 artists' drawings
   python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
   torchrun --nproc_per_node=N sma.py ...               # extraction sharded over ranks, heads trained with DDP
 Writes: <cache-dir>/sma-<hash>.pt (frozen features of K views + all captions, reused by later runs),
