@@ -340,10 +340,11 @@ def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path):
         return ["sotalign.py", "--pairs", "examples/emoji/sotalign_pairs.csv", "--unpaired-images",
                 "examples/emoji/unpaired_images.csv", "--unpaired-texts", "examples/emoji/unpaired_texts.txt", *TINY,
                 "--cache-dir", str(tmp_path / cache), "--out", str(tmp_path / out), "--steps", "6",
-                "--unpaired-batch", "64", "--dim", "32", "--lr", "1e-3", "--log-every", "1", "--no-compile"]
+                "--paired-batch", "46", "--unpaired-batch", "64", "--dim", "32", "--lr", "1e-3", "--log-every", "1",
+                "--no-compile"]  # 46 of the 47 pairs: a batch both process counts can split evenly
     one = run(*command("cache1", "one"))
     two = run("-m", "torch.distributed.run", "--nproc_per_node=2", *command("cache2", "two"))
-    assert "batches (47, 64, 64) x 2 rank(s)" in two and "features: 442 unpaired images" in two  # extracted, not read
+    assert "batches (46, 64, 64) x 2 rank(s)" in two and "features: 442 unpaired images" in two  # extracted, not read
     for part in ("pairs-image", "unpaired-image", "unpaired-text"):
         a, b = (torch.load(next((tmp_path / d).glob(f"sotalign-{part}-*.pt")), weights_only=True)["features"]
                 for d in ("cache1", "cache2"))
