@@ -27,6 +27,7 @@ Needs: plumbing.py beside it (readers, encoders, heads, atomic writes) and data/
 templates, read on first use).
 """
 import argparse
+import csv
 import hashlib
 import json
 import math
@@ -82,7 +83,8 @@ class Args:
     model: str = arg("", "open_clip model name (e.g. ViT-B-32): evaluate plain CLIP; needs --pretrained")
     pretrained: str = arg("", "open_clip pretrained tag (openai, laion2b_s34b_b79k, ...), a checkpoint path, or "
                               "none (random weights)")
-    tasks: str = arg("clip14", "comma list of tasks and aliases: clip14 (the 14), emoji (the example splits), "
+    tasks: str = arg("clip14", "comma list of tasks and aliases: clip14 (the 14), emoji (the example set's held-out "
+                               "tasks; emoji_openmoji: the unseen artist; emoji_all: both; emoji_val: validation), "
                                "names such as imagenet1k or mscoco, folder:<path>, csv:<path>")
     dataset_root: str = arg("datasets", "each dataset lives in <root>/<task>/; a root containing {dataset} is "
                                         "formatted instead (CLIP_benchmark's convention)")
@@ -297,6 +299,41 @@ def read_csv(root, args, task):
     return Data(pairs.images, pairs.images, captions=pairs.captions)
 
 
+class Labelled(torch.utils.data.Dataset):
+    """(PIL image, class index) per row of an image,class list; `.classes` the class keys in label order."""
+
+    def __init__(self, paths, labels, classes):
+        self.paths, self.labels, self.classes = paths, labels, classes
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB"), self.labels[i]
+
+
+def read_classes_csv(root, args, task):
+    """A classification set as a list: <root> a CSV `image,class` (paths relative to its folder), with classes.csv
+    (`class,name`: every class key and the name its prompts use, in label order) and templates.txt beside it. The
+    shipped emoji tasks use it: one image may be drawn by several artists, and no image is copied into folders."""
+    folder = root.parent
+    with open(folder / "classes.csv", encoding="utf-8", newline="") as f:
+        classes = [(r["class"], r["name"]) for r in csv.DictReader(f)]
+    index = {c: i for i, (c, _) in enumerate(classes)}
+    paths, labels = [], []
+    with open(root, encoding="utf-8", newline="") as f:
+        for row, r in enumerate(csv.DictReader(f), start=2):
+            if r.get("class") not in index:
+                raise DataError(f"{root}: row {row}: class {r.get('class')!r} is not in {folder / 'classes.csv'}; "
+                                "add it there or fix the row")
+            paths.append(str(folder / r["image"]))
+            labels.append(index[r["class"]])
+    check_files(paths, str(root))
+    ds = Labelled(paths, labels, [c for c, _ in classes])
+    return Data(ds, paths, [n for _, n in classes], read_lines(folder / "templates.txt"))
+
+
 # ---------------------------------------------------------------------------- task table
 @dataclass
 class Task:
@@ -318,6 +355,22 @@ def tv(name, layout, scored, n_images, n_classes, download=True, cb_names=False,
     """A torchvision classification set (see torchvision_set) of a known size; kwargs go to the torchvision class."""
     return Task(CLS, torchvision_set(name, download, cb_names, fix, **kwargs), layout, scored, download=download,
                 n_images=n_images, n_classes=n_classes)
+
+
+def emoji_tasks() -> dict:
+    """The 8 tasks of examples/emoji: zero-shot by subgroup and retrieval, on the held-out (`emoji_*`) and the
+    validation (`emoji_val_*`) entities, by the training artists or by OpenMoji (`*_openmoji`)."""
+    root, made, out = HERE / "examples" / "emoji", "examples/make_emoji.py's output", {}
+    for split, prefix in (("heldout", "emoji"), ("val", "emoji_val")):
+        for artist, suffix, whose in (("", "", "noto, twemoji, fluent"), ("_openmoji", "_openmoji", "openmoji")):
+            out[f"{prefix}_zeroshot{suffix}"] = Task(
+                CLS, read_classes_csv, made, f"zeroshot/{split}{artist}.csv, every depiction by {whose}",
+                path=str(root / "zeroshot" / f"{split}{artist}.csv"))
+            out[f"{prefix}_retrieval{suffix}"] = Task(
+                RET, read_csv, made,
+                f"{split}{artist}.csv, one depiction per entity (by one of {whose}), its descriptions",
+                path=str(root / f"{split}{artist}.csv"))
+    return out
 
 
 no_sep = lambda c: c.replace("_", " ")  # noqa: E731
@@ -361,15 +414,17 @@ TASKS = {
     "pcam": tv("PCAM", "pcam/*.h5 (needs h5py)", "test, 32,768", 32_768, 2, cb_names=True, split="test"),
     "mnist": tv("MNIST", "MNIST/raw/", "test, 10,000", 10_000, 10, cb_names=True, train=False),
     "renderedsst2": tv("RenderedSST2", "rendered-sst2/", "test, 1,821", 1_821, 2, split="test"),
-    # the shipped example splits (examples/emoji, see its README)
-    "emoji_zeroshot": Task(CLS, read_folder, "examples/make_emoji.py's output", "zeroshot/, all images",
-                           path=str(HERE / "examples" / "emoji" / "zeroshot")),
-    "emoji_retrieval": Task(RET, read_csv, "examples/make_emoji.py's output", "heldout.csv, all entities",
-                            path=str(HERE / "examples" / "emoji" / "heldout.csv")),
+    # the shipped example set (examples/emoji, see its README): held-out entities drawn by the training artists,
+    # the same entities drawn by OpenMoji (an artist in no training file), and both again on the validation entities
+    **emoji_tasks(),
 }
 CLIP14 = ["imagenet1k", "cifar10", "cifar100", "stl10", "food101", "caltech101", "pets", "flowers", "dtd",
           "fgvc_aircraft", "cars", "sun397", "flickr30k", "mscoco_captions"]
-ALIASES = {"clip14": CLIP14, "emoji": ["emoji_zeroshot", "emoji_retrieval"], "mscoco": ["mscoco_captions"],
+ALIASES = {"clip14": CLIP14, "emoji": ["emoji_zeroshot", "emoji_retrieval"],
+           "emoji_openmoji": ["emoji_zeroshot_openmoji", "emoji_retrieval_openmoji"],
+           "emoji_all": ["emoji_zeroshot", "emoji_retrieval", "emoji_zeroshot_openmoji", "emoji_retrieval_openmoji"],
+           "emoji_val": ["emoji_val_zeroshot", "emoji_val_retrieval", "emoji_val_zeroshot_openmoji",
+                         "emoji_val_retrieval_openmoji"], "mscoco": ["mscoco_captions"],
            "coco": ["mscoco_captions"], "flickr": ["flickr30k"], "flowers102": ["flowers"],
            "aircraft": ["fgvc_aircraft"], "imagenet": ["imagenet1k"]}
 

@@ -1,8 +1,9 @@
 """SMA — Submodular Modality Aligner (Pham, Majee, Iyer, 2026; arXiv 2605.12872): a reference implementation.
 
 A FROZEN image encoder and a FROZEN text encoder are aligned by two small trainable heads. Each entity of the data is
-a pair of sets: K augmented views of its image and its M captions. The loss is a set-level contrastive objective over
-Submodular Mutual Information (SMI) between an entity's image set and every caption set of the batch (default FLQMI).
+a pair of sets: K images of it (its pictures, --depictions, then augmented views) and its M captions. The loss is a
+set-level contrastive objective over Submodular Mutual Information (SMI) between an entity's image set and every
+caption set of the batch (default FLQMI).
 Only the abstract could be read: docs/SMA.md separates what the paper states from what we reconstruct, and
 every choice of ours is tagged below (`# not specified in the paper; we use ...`, `# deviation: ...`).
 
@@ -11,6 +12,7 @@ Commands:
   python sma.py --data examples/emoji/train.csv --image-encoder offline:efficientnet-lite0 \
       --text-encoder offline:all-minilm-l6-v2 --eval emoji --dim 512 --hidden 1024 --batch-size 256 \
       --epochs 30 --lr 3e-4                            # offline demo, real encoders (time, memory: README)
+  python sma.py ... --depictions examples/emoji/depictions.csv --views 3   # image set: 3 artists' drawings
   python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
   torchrun --nproc_per_node=N sma.py ...               # extraction sharded over ranks, heads trained with DDP
 Writes: <cache-dir>/sma-image-<hash>/, sma-text-<hash>/ (float16 feature stores of K views, of all captions,
@@ -39,10 +41,10 @@ from torch.utils.data import Dataset
 # What this file shares with sotalign.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (LEAK_TASKS, DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, extract,
-                      generator, head_state, load_checkpoint, load_encoder, make_head, on_device, open_image,
-                      parse_dataclass, read_exclude, read_pairs, refuse_leak, save_checkpoint, schedule, setup,
-                      store_key, without)
+from plumbing import (LEAK_TASKS, DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, check_image,
+                      extract, generator, head_state, load_checkpoint, load_encoder, make_head, on_device,
+                      open_image, parse_dataclass, read_exclude, read_pairs, refuse_leak, save_checkpoint, schedule,
+                      setup, store_key, without)
 
 
 # ---------------------------------------------------------------------------- args
@@ -65,6 +67,8 @@ class Args:
     image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
     text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
     views: int = arg(2, "K: image views per entity (view 0 the clean eval view, the rest augmented)", ge=1)
+    depictions: str = arg("", "CSV image,depiction: more images of the entity whose --data image is `image`; views "
+                              "0..n-1 are its n images (clean), the rest augmentations of them in turn ('' = none)")
     captions: int = arg(5, "M: captions per entity per step (more: M drawn each step; fewer: padded)", ge=1)
     aug_seed: int = arg(0, "seed of the augmented views (part of the feature-cache key)")
     loss: str = arg("flqmi", "SMI losses flqmi, flvmi, gcmi, logdetmi; baselines infonce, multipos, siglip",
@@ -110,9 +114,35 @@ def parse_args(argv=None) -> Args:
 CACHE_VERSION = 2  # 2: a partial file holds one row per image (its K views concatenated), not one per view
 
 
+def image_sets(pairs: Pairs, path: str) -> list:
+    """(E,) each entity's images: its --data image, then the depictions the CSV `path` (image,depiction; relative
+    paths from its folder) lists for it, in file order; [[image] per entity] without a file. DataError on a row
+    whose image is no entity's or whose depiction is not a readable image."""
+    sets = {p: [p] for p in pairs.images}
+    if not path:
+        return list(sets.values())
+    import csv
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--depictions {path}: file not found; give the image,depiction CSV")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row, r in enumerate(rows, start=2):
+        image, depiction = (str((path.parent / (r.get(k) or "")).resolve()) for k in ("image", "depiction"))
+        if image not in sets:
+            raise DataError(f"{path}: row {row}: image {r.get('image')!r} is no entity's image in --data; the first "
+                            "column names an image of the pairs file, the second another picture of that entity")
+        if problem := check_image(depiction):
+            raise DataError(f"{path}: row {row}: {problem}")
+        sets[image].append(depiction)
+    return list(sets.values())
+
+
 class Views(Dataset):
-    """Item j = the K views (K, 3, H, W) of image e = index[j] (this rank's shard) from one decode: view 0 the clean
-    eval view, 1..K-1 augmentations; view k is seeded by (aug_seed, e * K + k), whatever the worker, ranks or resume."""
+    """Item j = the K views (K, 3, H, W) of entity e = index[j] (this rank's shard), each image decoded once: views
+    0..n-1 the clean eval views of its n images (image_sets), n..K-1 augmentations of them in turn (image k % n);
+    view k is seeded by (aug_seed, e * K + k), whatever the worker, ranks or resume. One image: view 0 clean, the
+    rest augmented."""
 
     def __init__(self, images, enc: Encoder, K, aug_seed, index):
         import torchvision.transforms as T
@@ -120,26 +150,36 @@ class Views(Dataset):
         aug = T.Compose([
             T.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(enc.mean, enc.std)])
-        self.transforms = [enc.transform] + [aug] * (K - 1)  # aug sees RGB: __getitem__ converts first
-        self.images, self.aug_seed, self.index = images, aug_seed, index
+        self.clean, self.aug, self.K = enc.transform, aug, K  # aug sees RGB: __getitem__ converts first
+        # images: (E,) an entity's paths (image_sets), or one path each (as before --depictions)
+        self.images, self.aug_seed, self.index = [[p] if isinstance(p, str) else p for p in images], aug_seed, index
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, j):
-        e, K = self.index[j], len(self.transforms)
-        with torch.random.fork_rng(devices=[]), open_image(self.images[e]) as im:  # a file, or a tar member
-            im, views = im.convert("RGB"), []  # decoded here, once, at full size: the random crops need its pixels
-            for k, transform in enumerate(self.transforms):
+        e, K = self.index[j], self.K
+        ims = []
+        for ref in self.images[e][:K]:  # decoded here, once, at full size: the random crops need its pixels
+            with open_image(ref) as im:  # a file, or a tar member
+                ims.append(im.convert("RGB"))
+        views = []
+        with torch.random.fork_rng(devices=[]):
+            for k in range(K):
                 torch.manual_seed(self.aug_seed * 1_000_003 + e * K + k)  # torchvision's transforms draw from it
-                views.append(transform(im))
-            return torch.stack(views)
+                views.append((self.clean if k < len(ims) else self.aug)(ims[k % len(ims)]))
+        return torch.stack(views)
 
 
 def cache_key(pairs: Pairs, args: Args, modality) -> str:
-    """Hash of all the features of `modality` depend on: the images (paths, sizes and mtimes), the image encoder, K
-    and the augmentation seed; or the captions and the text encoder. Any change gives another store; nothing stale
-    is ever read. One streamed pass over the items (plumbing.store_key)."""
+    """Hash of all the features of `modality` depend on: the images (paths, sizes and mtimes; with --depictions
+    every entity's images and how many it has), the image encoder, K and the augmentation seed; or the captions and
+    the text encoder. Any change gives another store; nothing stale is ever read. One streamed pass over the items
+    (plumbing.store_key)."""
+    if modality == "image" and args.depictions:
+        sets = image_sets(pairs, args.depictions)
+        config = [CACHE_VERSION, args.image_encoder, args.views, args.aug_seed, [len(ps) for ps in sets]]
+        return store_key(config, "image", (p for ps in sets for p in ps))
     if modality == "image":
         return store_key([CACHE_VERSION, args.image_encoder, args.views, args.aug_seed], "image", pairs.images)
     return store_key([CACHE_VERSION, args.text_encoder], "text", (c for caps in pairs.captions for c in caps))
@@ -165,7 +205,7 @@ def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu") -> dict:
             def encode_views(x):  # (B, K, 3, H, W): the views of B images, one encoder call -> (B, K, Di)
                 return enc.encode(x.flatten(0, 1)).view(len(x), K, -1)
             if image:
-                return Views(pairs.images, enc, K, args.aug_seed, range(E)), encode_views
+                return Views(image_sets(pairs, args.depictions), enc, K, args.aug_seed, range(E)), encode_views
             return texts, enc.encode
         batch = max(1, args.extract_batch_size // (K if image else 1))
         store = extract(folder, E if image else len(texts), load, batch, workers if image else 0, rank, world,
@@ -523,6 +563,7 @@ def main(argv=None):
         log(f"--exclude {args.exclude}: dropped {len(pairs.images) - len(kept.images)} entities")
         pairs = kept
     log(f"{args.data}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions")
+    image_sets(pairs, args.depictions)  # a bad --depictions file stops here, before any compute
     check_run(args, len(pairs.images), world, pairs.images)
     feats = features(pairs, args, rank, world, device)
     model, metrics = train(args, feats, rank, world, device, log)

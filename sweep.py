@@ -5,11 +5,12 @@ mean +- std over seeds, a plot of score against the number of pairs, paired boot
 Both papers claim that with little paired data their method beats the baselines (SMA, arXiv 2605.12872; SOTAlign,
 arXiv 2602.23353). This drives sma.py and sotalign.py in-process on one feature cache:
 
-  python sweep.py --data examples/emoji/train.csv --heldout emoji --val-classes examples/emoji/subgroups.csv \
+  python sweep.py --data examples/emoji/train.csv --depictions examples/emoji/depictions.csv --views 3 \
+      --heldout emoji_all --val-tasks emoji_val \
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 \
-      --budgets 5%,10%,25%,50%,100% --seeds 0,1,2 --claim-budgets 5%,25%,100% --threads 1 \
-      --methods multipos,flqmi,infonce,siglip,teacher,siglip-pairs,sotalign --out bench/sweep_emoji
-  (about 30 min on 2 CPU cores shared with other jobs, extraction included: bench/sweep_emoji.md has the split)
+      --budgets 5%,25%,100% --seeds 0,1,2 --claim-seeds 0,1,2,3,4 --claim-budgets 25%,100% --claim-views 1,3 \
+      --threads 1 --methods multipos,flqmi,teacher,siglip-pairs,sotalign,infonce,siglip --out bench/sweep_artists
+  (bench/sweep_artists.md has its time on 2 CPU cores shared with other jobs, extraction included)
   (the same command again continues a cut sweep: finished runs are read back from <out>.jsonl, never redone)
 
 Writes <out>.jsonl (one row per finished run, appended and fsynced), <out>.md (tables), <out>.png (plots). A method
@@ -21,8 +22,13 @@ Protocol (every choice here is ours, not the papers'):
   eval transform) and all its captions. SMA methods train on all K views; the SOTAlign methods (teacher, siglip-pairs,
   sotalign) see view 0 only, which is what sotalign.py itself extracts. Held-out tasks: evaluate.py's readers,
   encoders and cache (<cache-dir>/eval), so the raw features are shared with `python evaluate.py`.
-- Validation: --val-pct % of the --data entities, chosen by sha1 of the image path (fixed, the same for every seed and
-  budget), never trained on. The held-out tasks are never used to choose anything.
+- Validation: --val-tasks, evaluate.py tasks on validation entities of their own (the emoji set's emoji_val: the
+  same four tasks as the held-out ones, on 220 entities in no training file), or else --val-pct % of the --data
+  entities, chosen by sha1 of the image path; fixed, the same for every seed and budget, never trained on. The
+  held-out tasks are never used to choose anything.
+- Views: with --depictions an entity's K views are its drawings by K artists (the emoji set: Noto, Twemoji,
+  Fluent), else view 0 and augmentations of it. Held-out tasks after the first of each kind are scored under a tag
+  (emoji_zeroshot_openmoji -> zs_acc1:openmoji: an artist never seen in training).
 - Budgets: a budget is a number (`100`) or a percentage (`5%`) of the remaining training entities. The paired set of
   a budget is a prefix of a permutation of the training entities drawn from the seed, so budgets are nested within a
   seed. For sotalign the training entities outside the budget become its unpaired data, cut into two disjoint halves
@@ -46,9 +52,11 @@ Protocol (every choice here is ours, not the papers'):
 - Uncertainty: mean +- std over seeds per cell; for the headline comparisons (COMPARE) a paired bootstrap over the
   held-out items (the same images / entities scored by both methods, per-item hits averaged over the seeds both
   ran), 2,000 resamples, 95% percentile interval of the difference.
-- SMA's claim: FLQMI against multi-positive InfoNCE at a matched config (same lr, steps, fixed tau, views, heads)
-  with M = 1 and M = 5 captions per step, --claim-seeds seeds, at each --claim-budgets budget, once at multipos's
-  and once at flqmi's zero-shot-selected config (so neither method runs only at the other's optimum).
+- SMA's claim: FLQMI against multi-positive InfoNCE at a matched config (same lr, steps, fixed tau, heads) with
+  K in --claim-views views (the first K) and M = 1 and M = 5 captions per step, --claim-seeds seeds, at each
+  --claim-budgets budget, once at multipos's and once at flqmi's zero-shot-selected config (so neither method runs
+  only at the other's optimum). The same runs give K = max - K = min per loss: several depictions against one.
+- Resolution: each paired interval's half-width is the minimal detectable difference (MDD) of the set for it.
 """
 import argparse
 import csv
@@ -85,14 +93,17 @@ class UserError(ValueError):
 
 def train_sma(cfg, data, seed, common):
     """sma.train on the paired entities: data["sma"] = {"image": (E, K, Di), "text": (C, Dt), "counts": (E,)}."""
-    E, B = len(data["sma"]["image"]), min(common["batch"], len(data["sma"]["image"]))
+    feats = data["sma"]
+    if cfg.get("K"):  # the claim cell: the first K of the entity's views (views 0..2 are its 3 depictions)
+        feats = {**feats, "image": feats["image"][:, :cfg["K"]]}
+    E, B = len(feats["image"]), min(common["batch"], len(feats["image"]))
     epochs = math.ceil(cfg["steps"] / max(E // B, 1))  # steps are what the grid sets, whatever the budget
     args = sma.Args(data="-", image_encoder=common["image_encoder"], text_encoder=common["text_encoder"],
-                    views=common["views"], captions=cfg.get("M", common["captions"]), loss=cfg["loss"],
+                    views=cfg.get("K", common["views"]), captions=cfg.get("M", common["captions"]), loss=cfg["loss"],
                     eta=cfg.get("eta", 1.0), tau=cfg.get("tau", 0.0), fixed_tau=not cfg.get("learn_tau", True),
                     dim=common["dim"], hidden=common["hidden"], epochs=epochs, batch_size=B, lr=cfg["lr"], seed=seed,
                     out=common["tmp"], device="cpu", log_every=10 ** 9, ckpt_every=10 ** 9)
-    model, metrics = sma.train(args, data["sma"], 0, 1, "cpu", log=lambda *a: None)
+    model, metrics = sma.train(args, feats, 0, 1, "cpu", log=lambda *a: None)
     return model.image_head, model.text_head, metrics["step"]
 
 
@@ -220,7 +231,8 @@ def hits_retrieval(zi, zt, text_image):
 
 
 def score(heads, task, with_hits=False):
-    """Scores of (image head, text head) on one task's cached raw features (`load_tasks`)."""
+    """Scores of (image head, text head) on one task's cached raw features (`load_tasks`); every key carries the
+    task's tag ("" for the first task of each kind, e.g. ":openmoji" for the others: `tags`)."""
     heads = [h.eval() for h in heads]
     with torch.no_grad():
         zi, zt = (F.normalize(h(x.float()), dim=-1) for h, x in zip(heads, (task["image"], task["text"])))
@@ -238,8 +250,10 @@ def score(heads, task, with_hits=False):
         out = {"R@1": (m["i2t_R@1"] + m["t2i_R@1"]) / 2, "i2t_R@1": m["i2t_R@1"], "t2i_R@1": m["t2i_R@1"],
                "gap": gap["modality_gap"], "matched_cosine": gap["matched_cosine"]}
         hits["i2t"], hits["t2i"] = hits_retrieval(ranked, zt, task["text_image"])
+    tag = task.get("tag", "")
+    out = {k + tag: v for k, v in out.items()}
     if with_hits:
-        out["hits"] = {k: "".join("1" if b else "0" for b in v.tolist()) for k, v in hits.items()}
+        out["hits"] = {k + tag: "".join("1" if b else "0" for b in v.tolist()) for k, v in hits.items()}
     return out
 
 
@@ -254,13 +268,25 @@ def score_all(heads, tasks, with_hits=False):
     return out
 
 
+def tags(names_kinds):
+    """[(task name, kind)] -> {name: tag}: "" for the first task of each kind (the metrics selection and the
+    headline use), ":<rest>" for a later one whose name extends the first's (emoji_zeroshot_openmoji:
+    ":openmoji"), else ":<name>"."""
+    first, out = {}, {}
+    for name, kind in names_kinds:
+        base = first.setdefault(kind, name)
+        out[name] = "" if name == base else ":" + (name[len(base):].strip("_") if name.startswith(base) else name)
+    return out
+
+
 def load_tasks(spec, common, cache_dir):
     """Held-out tasks through evaluate.py's readers and feature cache -> {name: task dict of raw features}."""
     eargs = evaluate.Args(aligner="-", tasks=spec, cache_dir=cache_dir, device="cpu", workers=0)
     model = evaluate.Model("sweep", {"image": common["image_encoder"], "text": common["text_encoder"]},
                            {}, "cpu")
-    tasks = {}
-    for name, task in evaluate.resolve_tasks(spec).items():
+    tasks, resolved = {}, evaluate.resolve_tasks(spec)
+    tag = tags([(name, task.kind) for name, task in resolved.items()])
+    for name, task in resolved.items():
         data, skipped = evaluate.read_task(name, task, eargs)
         if skipped:
             raise UserError(f"--heldout: {skipped}")
@@ -274,10 +300,11 @@ def load_tasks(spec, common, cache_dir):
         key = evaluate.fingerprint([texts, common["text_encoder"]])
         text = evaluate.cached(cache / f"text-{key}.pt", lambda: evaluate.encode_texts(model.encoder("text"), texts,
                                                                                       eargs, f"{name} texts"))
-        t = {"image": raw["features"], "text": text, "root": root}
+        t = {"image": raw["features"], "text": text, "root": root, "tag": tag[name]}
         if task.kind == evaluate.CLS:
             t.update(kind="zeroshot", labels=raw["labels"], n_classes=len(data.classnames),
-                     classes=list(getattr(data.images, "classes", data.classnames)), classnames=data.classnames, templates=data.templates)
+                     classes=list(getattr(data.images, "classes", data.classnames)), classnames=data.classnames,
+                     templates=data.templates)
         else:
             t.update(kind="retrieval", text_image=torch.tensor([i for i, c in enumerate(data.captions) for _ in c]))
         tasks[name] = t
@@ -357,9 +384,10 @@ def plan(a, budgets, seeds, methods):
         for b in parse_budgets(a.claim_budgets, a.n_train):
             for src in ("multipos", "flqmi"):
                 for s in a.claim_seeds:
-                    for M in (1, 5):
-                        for loss in ("flqmi", "multipos"):
-                            yield "claim", loss, b, s, {"M": M, "from": src}
+                    for K in a.claim_views:
+                        for M in (1, 5):
+                            for loss in ("flqmi", "multipos"):
+                                yield "claim", loss, b, s, {"M": M, "K": K, "from": src}
 
 
 def choose(results, name, budget):
@@ -380,13 +408,16 @@ def sweep(a):
     t0 = time.time()
     pairs = sma.read_pairs(a.data)
     sargs = sma.Args(data=a.data, image_encoder=a.image_encoder, text_encoder=a.text_encoder, views=a.views,
-                     cache_dir=a.cache_dir)
+                     depictions=a.depictions, cache_dir=a.cache_dir)
     F_ = sma.features(pairs, sargs)  # float16 stores; the sweep's sets are small: whole, in float32
     F_ = {**F_, "image": F_["image"].tensor().float(), "text": F_["text"].tensor().float()}
-    train_ids, val_ids = val_split(pairs, a.val_pct)
+    train_ids, val_ids = val_split(pairs, 0 if a.val_tasks else a.val_pct)
     a.n_train = len(train_ids)
     heldout = load_tasks(a.heldout, common, a.cache_dir)
-    val = val_tasks(pairs, F_, val_ids, a.val_classes, heldout)
+    if a.val_tasks:  # validation entities of their own (the emoji set's emoji_val): every --data entity trains
+        val = load_tasks(a.val_tasks, common, a.cache_dir)
+    else:
+        val = val_tasks(pairs, F_, val_ids, a.val_classes, heldout)
     t_extract = time.time() - t0
     budgets = parse_budgets(a.budgets, len(train_ids))
     if a.claim_seeds and not {b for b, _ in parse_budgets(a.claim_budgets, a.n_train)} <= {b for b, _ in budgets}:
@@ -409,7 +440,8 @@ def sweep(a):
                 work = [(json.loads(c), signals) for c, signals in cfgs.items()]
             elif stage == "claim":
                 base = choose(results, cfg["from"], label)["zeroshot"]
-                work = [({**json.loads(shared(base)), "loss": name, "learn_tau": False, "M": cfg["M"]}, ["claim"])]
+                work = [({**json.loads(shared(base)), "loss": name, "learn_tau": False, "M": cfg["M"], "K": cfg["K"]},
+                         ["claim"])]
             else:
                 work = [(cfg, [])]
             for c, signals in work:
@@ -491,34 +523,46 @@ def cells(results, stage="run"):
 
 def shared(config):
     """The part of a claim run's config that both losses share (lr, steps, tau)."""
-    return json.dumps({k: v for k, v in config.items() if k not in ("loss", "M", "eta", "learn_tau")}, sort_keys=True)
+    return json.dumps({k: v for k, v in config.items() if k not in ("loss", "M", "K", "eta", "learn_tau")},
+                      sort_keys=True)
 
 
-def item_hits(results, method, budget, seeds, signal, stage="run", M=None, matched=None):
-    """{seed: {"zs": tensor, "i2t": tensor, "t2i": tensor}} of the runs selected on `signal` (claim runs: with M
-    captions and the shared config `matched`)."""
+def item_hits(results, method, budget, seeds, signal, stage="run", M=None, matched=None, K=None):
+    """{seed: {"zs": tensor, "i2t": tensor, "t2i": tensor, ... with tags}} of the runs selected on `signal` (claim
+    runs: with M captions, K views (None: any) and the shared config `matched`)."""
     out = {}
     for r in results.rows:
         if (r["stage"] == stage and r["method"] == method and r["budget"] == budget and r["seed"] in seeds
                 and (signal in r["selected_for"]) and (M is None or r["config"].get("M") == M)
+                and (K is None or r["config"].get("K") == K)
                 and (matched is None or shared(r["config"]) == matched)):
             out[r["seed"]] = {k: torch.tensor([c == "1" for c in v], dtype=torch.float64)
                               for k, v in r["heldout"]["hits"].items()}
     return out
 
 
-def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, matched=None, n_boot=2000, seed=0):
+def tag_of(metric):
+    """'zs_acc1:openmoji' -> ':openmoji'; 'zs_acc1' -> ''."""
+    return metric[metric.index(":"):] if ":" in metric else ""
+
+
+def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, matched=None, n_boot=2000, seed=0,
+              K=(None, None)):
     """Paired bootstrap over held-out items of mean(a) - mean(b), per-item hits averaged over the seeds both ran.
-    metric zs_acc1: items = zero-shot images; R@1: items = retrieval images with their captions
-    ((i2t + t2i) / 2 recomputed on each resample). -> (diff, lo, hi, n_items, n_seeds) or None."""
-    signal = "claim" if stage == "claim" else "zeroshot" if metric == "zs_acc1" else "retrieval"
-    ha, hb = (item_hits(results, m, budget, range(10 ** 6), signal, stage, M, matched) for m in (a, b))
-    seeds = sorted(set(ha) & set(hb))
+    metric zs_acc1[tag]: items = zero-shot images; R@1[tag]: items = retrieval images with their captions
+    ((i2t + t2i) / 2 recomputed on each resample; text_image: that task's). K: the views of a's and b's claim runs
+    (a == b with two K: K = 3 against K = 1). -> (diff, lo, hi, n_items, n_seeds) or None. The half-width
+    (hi - lo) / 2 is the minimal detectable difference of the comparison."""
+    base, tag = metric.partition(":")[0], tag_of(metric)
+    signal = "claim" if stage == "claim" else "zeroshot" if base == "zs_acc1" else "retrieval"
+    ha, hb = (item_hits(results, m, budget, range(10 ** 6), signal, stage, M, matched, k) for m, k in zip((a, b), K))
+    need = ("zs" if base == "zs_acc1" else "i2t") + tag
+    seeds = sorted(s for s in set(ha) & set(hb) if need in ha[s] and need in hb[s])
     if not seeds:
         return None
-    avg = lambda h, k: torch.stack([h[s][k] for s in seeds]).mean(0)  # noqa: E731
+    avg = lambda h, k: torch.stack([h[s][k + tag] for s in seeds]).mean(0)  # noqa: E731
     g = torch.Generator().manual_seed(seed)
-    if metric == "zs_acc1":
+    if base == "zs_acc1":
         d = avg(ha, "zs") - avg(hb, "zs")  # (n,)
         idx = torch.randint(len(d), (n_boot, len(d)), generator=g)
         boots, diff, n = d[idx].mean(1), d.mean().item(), len(d)
@@ -549,81 +593,115 @@ def report(a, results, budgets):
     import matplotlib.pyplot as plt
     C = cells(results)
     methods = [m for m in a.methods if any(k[0] == m for k in C)]
-    text_image, chance = None, {}
+    text_image, chance = {}, {}  # per task tag ("" = the headline tasks, ":openmoji", ...)
+    metrics = ["zs_acc1", "R@1"]  # the bootstrapped ones: each task's headline metric, with its tag
     if any(r["stage"] in ("run", "claim") for r in results.rows):  # the tasks' labels (cached; no encoder loads)
         tasks = load_tasks(a.heldout, {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder},
                            a.cache_dir)
+        metrics = [("zs_acc1" if t["kind"] == "zeroshot" else "R@1") + t["tag"] for t in tasks.values()]
         for t in tasks.values():
-            if t["kind"] == "retrieval":
-                text_image, chance["R@1"] = t["text_image"], 1 / len(t["image"])  # a random ranking's R@1
+            if t["kind"] == "retrieval":  # a random ranking's R@1
+                text_image[t["tag"]], chance["R@1" + t["tag"]] = t["text_image"], 1 / len(t["image"])
             else:  # the largest class, as the emoji README's chance level
-                chance["zs_acc1"] = torch.bincount(t["labels"]).max().item() / len(t["labels"])
+                chance["zs_acc1" + t["tag"]] = torch.bincount(t["labels"]).max().item() / len(t["labels"])
     device = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    validation = (f"validation tasks `{a.val_tasks}` (entities of their own)" if a.val_tasks else
+                  f"validation {a.val_pct}% of the entities (sha1 of the image path)"
+                  f"{', zero-shot classes from ' + a.val_classes if a.val_classes else ''}")
     L = [f"# Sweep: score against the number of paired entities ({Path(a.data).name}, {a.image_encoder} + "
          f"{a.text_encoder})", "",
          f"Command: `python {' '.join([Path(sys.argv[0]).name, *(x for x in sys.argv[1:] if x != '--report-only')])}`"
          "  ",
-         f"Device: {device}, torch {torch.__version__}; seeds {a.seeds}; held-out tasks `{a.heldout}`; validation "
-         f"{a.val_pct}% of the entities (sha1 of the image path)"
-         f"{', zero-shot classes from ' + a.val_classes if a.val_classes else ''}.  ",
+         f"Device: {device}, torch {torch.__version__}; seeds {a.seeds}; held-out tasks `{a.heldout}`; "
+         f"{validation}.  ",
          f"{summary(a, results)}", "",
          "Protocol: sweep.py's docstring (selection per method and budget on seed 0's validation scores, zero-shot "
          "acc1 from the runs selected on validation zero-shot acc1, R@1 and the gap from those selected on "
-         "validation R@1). Cells: mean ± std over seeds, % (gap: L2 distance of the modality means). Chance: "
-         + ", ".join(f"{k} {100 * v:.2f}%" for k, v in chance.items()) + ".", ""]
-    for metric, title in [("zs_acc1", "held-out zero-shot acc1 (%)"),
-                          ("R@1", "held-out retrieval R@1, (i2t + t2i) / 2 (%)"),
-                          ("i2t_R@1", "held-out i2t R@1 (%)"), ("t2i_R@1", "held-out t2i R@1 (%)"),
-                          ("gap", "modality gap, held-out retrieval pairs")]:
+         "validation R@1). Cells: mean ± std over seeds, % (gap: L2 distance of the modality means). A metric "
+         "`name:tag` is scored on the later held-out task of that kind (`:openmoji`: the artist held out of "
+         "training). Chance: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in chance.items()) + ".", ""]
+    tables = [("zs_acc1", "held-out zero-shot acc1 (%)"), ("R@1", "held-out retrieval R@1, (i2t + t2i) / 2 (%)"),
+              ("i2t_R@1", "held-out i2t R@1 (%)"), ("t2i_R@1", "held-out t2i R@1 (%)"),
+              ("gap", "modality gap, held-out retrieval pairs")]
+    tables += [(m, f"{dict(tables)[m.partition(':')[0]]} on task{tag_of(m)}") for m in metrics if ":" in m]
+    for metric, title in tables:
         L += [f"### {title}", "", "| method | " + " | ".join(f"{b} ({n})" for b, n in budgets) + " |",
               "|---|" + "---|" * len(budgets)]
         for m in methods:
             L.append(f"| {m} | " + " | ".join(fmt(C.get((m, b), {}).get(metric, {}), metric != "gap")
                                               for b, _ in budgets) + " |")
         L.append("")
+
+    def interval(r, seeds=True):
+        """A bootstrap result as `diff [lo, hi] ±mdd`: mdd, the half-width, is the minimal detectable difference."""
+        if r is None:
+            return "–"
+        return (f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ±{50 * (r[2] - r[1]):.1f}"
+                + (f" (n = {r[3]}, {r[4]} seeds)" if seeds else ""))
+
     L += ["### Paired bootstrap, 95% intervals of the difference (points of %), held-out items", "",
           "Each method's per-item hits are averaged over the seeds, then the held-out items are resampled (2,000 "
-          "times). The interval covers the sampling of test items only. It does not cover the noise of the selection "
-          "(one seed, a small validation split): where two methods were given different configs, part of a "
-          "difference can come from that.", "",
-          "| comparison | budget | zero-shot acc1 | retrieval R@1 |", "|---|---|---|---|"]
+          "times). `±x` is the interval's half-width: the minimal detectable difference (MDD) of this set for that "
+          "comparison. The interval covers the sampling of test items only. It does not cover the noise of the "
+          "selection (one seed, a small validation split): where two methods were given different configs, part of "
+          "a difference can come from that.", "",
+          "| comparison | budget | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for x, y in COMPARE:
         if x not in methods or y not in methods:
             continue
         for b, _ in budgets:
-            cols = []
-            for metric in ("zs_acc1", "R@1"):
-                r = (bootstrap(results, x, y, b, metric, text_image)
-                     if metric == "zs_acc1" or text_image is not None else None)
-                cols.append("–" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] "
-                                                  f"(n = {r[3]}, {r[4]} seeds)")
+            cols = [interval(bootstrap(results, x, y, b, metric, text_image.get(tag_of(metric))))
+                    if metric.startswith("zs_") or text_image else "–" for metric in metrics]
             if any(c != "–" for c in cols):
                 L.append(f"| {x} − {y} | {b} | " + " | ".join(cols) + " |")
     claim = [r for r in results.rows if r["stage"] == "claim"]
     if claim:
-        L += ["", "### SMA's claim: flqmi − multipos at a matched config, M = 1 and M = 5 captions per step", "",
-              "Both losses run at the same config (lr, steps, fixed tau; K = 2 views, same heads and seeds): the "
-              "zero-shot-selected config of the method in the `config of` column. The set formulation helps if "
-              "Δ > 0 at M = 5 and Δ ≈ 0 at M = 1. Δ: paired bootstrap 95% interval over the held-out items.", "",
-              "| budget | config of | lr, steps, tau | M | flqmi acc1 | multipos acc1 | Δ acc1 [95%] | flqmi R@1 | "
-              "multipos R@1 | Δ R@1 [95%] |", "|---|---|---|---|---|---|---|---|---|---|"]
+        Ks = sorted({r["config"]["K"] for r in claim})
+        L += ["", "### SMA's claim: flqmi − multipos at a matched config, K views × M captions per step", "",
+              "Both losses run at the same config (lr, steps, fixed tau, same heads and seeds): the zero-shot-"
+              "selected config of the method in the `config of` column. K: the entity's first K images (with "
+              "--depictions: its drawings by K artists). The set formulation helps if Δ > 0 at K, M > 1 and Δ ≈ 0 "
+              "at K = M = 1. Δ: paired bootstrap 95% interval over the held-out items, ±: its half-width (MDD).", "",
+              "| budget | config of | lr, steps, tau | K | M | " + " | ".join(
+                  f"flqmi {m} | multipos {m} | Δ {m}" for m in metrics) + " |",
+              "|---|---|---|---|---|" + "---|---|---|" * len(metrics)]
         groups = list(dict.fromkeys((r["budget"], shared(r["config"])) for r in claim))
         for b, matched in groups:
             src = [m for m in ("multipos", "flqmi") if shared({**choose(results, m, b)["zeroshot"]}) == matched]
             cfg = json.loads(matched)
-            for M in (1, 5):
-                vals = {m: {} for m in ("flqmi", "multipos")}
-                for r in claim:
-                    if r["budget"] == b and r["config"]["M"] == M and shared(r["config"]) == matched:
-                        for metric in ("zs_acc1", "R@1"):
-                            vals[r["method"]].setdefault(metric, {})[r["seed"]] = r["heldout"][metric]
-                row = [b, " = ".join(src), f"{cfg.get('lr')}, {cfg.get('steps')}, {cfg.get('tau')}", str(M)]
-                for metric in ("zs_acc1", "R@1"):
-                    row += [fmt(vals["flqmi"].get(metric, {})), fmt(vals["multipos"].get(metric, {}))]
-                    r = bootstrap(results, "flqmi", "multipos", b, metric, text_image, "claim", M, matched)
-                    row.append("–" if r is None else f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] "
-                                                     f"({r[4]} seeds)")
-                L.append("| " + " | ".join(row) + " |")
+            for K in Ks:
+                for M in (1, 5):
+                    vals = {m: {} for m in ("flqmi", "multipos")}
+                    for r in claim:
+                        if (r["budget"] == b and r["config"]["M"] == M and r["config"]["K"] == K
+                                and shared(r["config"]) == matched):
+                            for metric in metrics:
+                                if metric in r["heldout"]:
+                                    vals[r["method"]].setdefault(metric, {})[r["seed"]] = r["heldout"][metric]
+                    row = [b, " = ".join(src), f"{cfg.get('lr')}, {cfg.get('steps')}, {cfg.get('tau')}", str(K),
+                           str(M)]
+                    for metric in metrics:
+                        row += [fmt(vals["flqmi"].get(metric, {})), fmt(vals["multipos"].get(metric, {}))]
+                        r = bootstrap(results, "flqmi", "multipos", b, metric, text_image.get(tag_of(metric)),
+                                      "claim", M, matched, K=(K, K))
+                        row.append(interval(r, seeds=False))
+                    L.append("| " + " | ".join(row) + " |")
+        if len(Ks) > 1:  # several depictions against one, same loss: does it carry to an unseen artist?
+            L += ["", f"### K = {Ks[-1]} − K = {Ks[0]} views, same loss and config (claim runs)", "",
+                  "Does training on several images per entity beat one, on the training artists' held-out "
+                  "depictions and (`:tag`) on an artist never seen in training? Paired bootstrap as above.", "",
+                  "| budget | config of | loss | M | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+                  "|---|---|---|---|" + "---|" * len(metrics)]
+            for b, matched in groups:
+                src = [m for m in ("multipos", "flqmi") if shared({**choose(results, m, b)["zeroshot"]}) == matched]
+                for loss in ("flqmi", "multipos"):
+                    for M in (1, 5):
+                        row = [b, " = ".join(src), loss, str(M)]
+                        for metric in metrics:
+                            r = bootstrap(results, loss, loss, b, metric, text_image.get(tag_of(metric)), "claim",
+                                          M, matched, K=(Ks[-1], Ks[0]))
+                            row.append(interval(r))
+                        L.append("| " + " | ".join(row) + " |")
     L += ["", "### Selected configs (validation, seed 0)", "", "| method | budget | for zero-shot | for R@1 |",
           "|---|---|---|---|"]
     for m in methods:
@@ -634,8 +712,9 @@ def report(a, results, budgets):
                 L.append(f"| {m} | {b} | {short(ch['zeroshot'])} | {short(ch['retrieval'])} |")
     Path(f"{a.out}.md").write_text("\n".join(L) + "\n", encoding="utf-8")
 
-    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 4))
-    for ax, (metric, title) in zip(axes, HEADLINE):
+    panels = HEADLINE + [(m, f"{dict(HEADLINE)[m.partition(':')[0]]}{tag_of(m)}") for m in metrics if ":" in m]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (metric, title) in zip(axes, panels):
         for m in methods:
             xs, ms, ss = [], [], []
             for b, n in budgets:
@@ -681,6 +760,13 @@ def parse_args(argv=None):
     p.add_argument("--claim-seeds", default="0,1,2,3,4",
                    help="seeds of the flqmi vs multipos M = 1 / 5 cell ('' = off)")
     p.add_argument("--claim-budgets", default="100%", help="budgets of that cell (comma list, among --budgets)")
+    p.add_argument("--claim-views", default="", help="K values of that cell, each <= --views: the entity's first K "
+                   "views ('' = --views)")
+    p.add_argument("--depictions", default="", help="sma.py --depictions: CSV image,depiction, more images of an "
+                   "entity (SMA methods' views; the SOTAlign methods see view 0)")
+    p.add_argument("--val-tasks", default="", help="evaluate.py tasks on validation entities of their own, used for "
+                   "selection instead of --val-pct of --data (e.g. emoji_val); their first zero-shot and first "
+                   "retrieval task are the signals")
     p.add_argument("--image-encoder", default="offline:efficientnet-lite0")
     p.add_argument("--text-encoder", default="offline:all-minilm-l6-v2")
     p.add_argument("--views", type=int, default=2, help="K image views per entity (SMA methods)")
@@ -699,6 +785,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     a.claim_seeds = [int(s) for s in a.claim_seeds.split(",") if s.strip()]
+    a.claim_views = [int(k) for k in a.claim_views.split(",") if k.strip()] or [a.views]
+    if max(a.claim_views) > a.views or min(a.claim_views) < 1:
+        p.error(f"--claim-views {a.claim_views}: each K must be in 1..--views ({a.views})")
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
@@ -721,7 +810,7 @@ def main(argv=None):
     try:
         if a.report_only:
             pairs = sma.read_pairs(a.data)
-            n_train = len(val_split(pairs, a.val_pct)[0])
+            n_train = len(val_split(pairs, 0 if a.val_tasks else a.val_pct)[0])
             return report(a, Results(f"{a.out}.jsonl"), parse_budgets(a.budgets, n_train))
         return sweep(a)
     except (sma.DataError, UserError, FileNotFoundError) as e:

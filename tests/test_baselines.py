@@ -123,7 +123,7 @@ def coco_fixture(root, n=6, missing=(), empty=()):
     from PIL import Image
     (root / "annotations").mkdir(parents=True)
     (root / "train2017").mkdir()
-    sources = sorted((EMOJI / "images").glob("*.png"))[:n]
+    sources = sorted((EMOJI / "images" / "noto").glob("*.png"))[:n]
     images, notes = [], []
     for k, src in enumerate(sources):
         image_id = 100 + 7 * k  # ids not in file order

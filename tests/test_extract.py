@@ -14,7 +14,7 @@ import sotalign as so
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-EMOJI = sorted((ROOT / "examples" / "emoji" / "images").glob("*.png"))[:5]
+EMOJI = sorted((ROOT / "examples" / "emoji" / "images" / "noto").glob("*.png"))[:5]
 
 
 def rel_err(x, ref):

@@ -45,7 +45,7 @@ def test_real_offline_encoders_give_meaningful_features():
     assert z.shape == (3, 384) and torch.allclose(z.norm(dim=-1), torch.ones(3), atol=1e-4)
     assert z[0] @ z[1] > z[0] @ z[2] + 0.2  # paraphrases are closer than unrelated text
     image = load_encoder("offline:efficientnet-lite0", "image")
-    folder = ROOT / "examples" / "emoji" / "images"
+    folder = ROOT / "examples" / "emoji" / "images" / "noto"
     views = [image.transform(Image.open(folder / f"{h}.png")) for h in ("1f34e", "1f34f", "2708")]  # 2 apples, plane
     f = F.normalize(image.encode(torch.stack(views)), dim=-1)
     assert f.shape == (3, 1280) and f[0] @ f[1] > f[0] @ f[2]

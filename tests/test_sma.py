@@ -75,6 +75,32 @@ def test_cache_is_reused_and_invalidated_by_a_changed_input(tiny_csv, cache_dir,
     assert sma.cache_key(sma.read_pairs(data), args, "image") != key2
 
 
+def test_depictions_make_the_image_set_of_an_entity(tiny_csv, cache_dir, tmp_path):
+    """--depictions: an entity's views are its drawings by several artists (clean), then augmentations of them in
+    turn; the entities without a listed depiction keep view 0 clean + augmented views; a bad row is one DataError."""
+    pairs = sma.read_pairs(tiny_csv)
+    rows = {r["image"]: [] for r in csv.DictReader(open(EMOJI / "depictions.csv"))}
+    for r in csv.DictReader(open(EMOJI / "depictions.csv")):
+        rows[r["image"]].append(r["depiction"])
+    first = pairs.images[0]
+    others = [str(EMOJI / d) for d in rows[str(Path(first).relative_to(EMOJI))]]  # twemoji, fluent
+    dep = tmp_path / "depictions.csv"
+    dep.write_text("image,depiction\n" + "".join(f"{first},{d}\n" for d in others))
+    K3 = sma.features(pairs, sma.parse_args(argv(tiny_csv, cache_dir, tmp_path, "--views", "3", "--depictions",
+                                                 str(dep))))
+    assert K3["image"].shape == (24, 3, 128)
+    enc = sma.load_encoder("timm-random:test_vit", "image", "cpu")
+    clean = [enc.encode(enc.transform(sma.Image.open(p).convert("RGB"))[None])[0] for p in [first, *others]]
+    for k in range(3):  # entity 0: its three artists' drawings, each clean
+        assert torch.allclose(K3["image"][0, k], clean[k], atol=1e-5)
+    plain = sma.features(pairs, sma.parse_args(argv(tiny_csv, cache_dir, tmp_path, "--views", "3")))
+    assert torch.equal(K3["image"][1:], plain["image"][1:])  # the others: unchanged (clean + 2 augmented views)
+    assert not torch.allclose(plain["image"][0, 1], clean[1], atol=1e-3)
+    dep.write_text("image,depiction\nnot-an-entity.png," + others[0] + "\n")
+    with pytest.raises(sma.DataError, match="row 2: image 'not-an-entity.png' is no entity's image"):
+        sma.image_sets(pairs, str(dep))
+
+
 def test_interrupted_extraction_resumes_where_it_stopped(tiny_csv, tmp_path, monkeypatch):
     args = sma.parse_args(argv(tiny_csv, tmp_path / "cache", tmp_path) + ["--extract-batch-size", "8"])
     pairs = sma.read_pairs(args.data)
@@ -196,7 +222,7 @@ def test_real_command_on_the_example_data_then_resume_then_evaluate(cache_dir, t
     cut = subprocess.run(command + ["--stop-after-steps", "5"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=600)
     assert cut.returncode == 0, cut.stderr[-3000:]
-    assert "886 entities" in cut.stdout and "stopping after step 5" in cut.stdout
+    assert "931 entities" in cut.stdout and "stopping after step 5" in cut.stdout
     has_evaluate = (ROOT / "evaluate.py").is_file()
     resumed = subprocess.run(command + ["--resume"] + (["--eval", "emoji"] if has_evaluate else []), cwd=ROOT,
                              env=ENV, capture_output=True, text=True, timeout=600)

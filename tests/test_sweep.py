@@ -105,3 +105,49 @@ def test_claim_cell_runs_both_losses_at_each_selected_config(tiny, tmp_path):
                 and sweep.shared(q["config"]) == sweep.shared(r["config"]) and q["config"]["M"] == r["config"]["M"]]
         assert len(twin) == 1 and r["config"]["learn_tau"] is False
     assert "### SMA's claim" in Path(f"{out}.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def artists(tmp_path_factory):
+    """The emoji set's layout in small: 12 training entities with their two other artists' drawings
+    (--depictions), 6 validation and 6 held-out entities, each as retrieval by the training artists and by
+    OpenMoji (absolute paths)."""
+    d = tmp_path_factory.mktemp("sweep_artists")
+
+    def first(name, n, out):
+        rows = list(csv.reader(open(EMOJI / name)))[1:]
+        keep = list(dict.fromkeys(r[0] for r in rows))[:n]
+        with open(d / out, "w", newline="") as f:
+            csv.writer(f).writerows([["image", "caption"]] + [[str(EMOJI / r[0]), r[1]] for r in rows if r[0] in keep])
+        return keep
+    train = first("train.csv", 12, "train.csv")
+    with open(d / "depictions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "depiction"]] + [[str(EMOJI / r["image"]), str(EMOJI / r["depiction"])]
+                                                            for r in csv.DictReader(open(EMOJI / "depictions.csv"))
+                                                            if r["image"] in train])
+    for name in ("val.csv", "val_openmoji.csv", "heldout.csv", "heldout_openmoji.csv"):
+        first(name, 6, name)
+    return d
+
+
+def test_depictions_validation_tasks_and_the_unseen_artist(artists, tmp_path):
+    """SMA's views are the entity's drawings (K = 3), selection uses the validation tasks of their own, every
+    held-out task is scored under its tag, and the claim cell runs K = 1 and K = 3 with a K = 3 − K = 1 table."""
+    d, out = artists, tmp_path / "art"
+    grid = {m: {"lr": [1e-3], "steps": [2], "tau": [0.1]} for m in ("flqmi", "multipos")}
+    sweep.main(["--data", str(d / "train.csv"), "--depictions", str(d / "depictions.csv"), "--views", "3",
+                "--val-tasks", f"csv:{d / 'val.csv'},csv:{d / 'val_openmoji.csv'}",
+                "--heldout", f"csv:{d / 'heldout.csv'},csv:{d / 'heldout_openmoji.csv'}",
+                "--image-encoder", "timm-random:test_vit", "--text-encoder", "py:tiny_encoders:text",
+                "--methods", "multipos,flqmi", "--budgets", "100%", "--seeds", "0", "--claim-seeds", "0",
+                "--claim-budgets", "100%", "--claim-views", "1,3", "--dim", "16", "--hidden", "32",
+                "--batch-size", "4", "--cache-dir", str(d / "cache"), "--out", str(out), "--grid", json.dumps(grid)])
+    rows = runs_in(out)
+    assert all(r["n_paired"] == 12 for r in rows)  # --val-tasks: every --data entity trains
+    run = next(r for r in rows if r["stage"] == "run")
+    tag = f":csv:{d / 'heldout_openmoji.csv'}"  # the second retrieval task: its name is not the first's + a suffix
+    assert {"R@1", "i2t_R@1", "R@1" + tag} <= set(run["heldout"]) and len(run["heldout"]["hits"]) == 4
+    claim = [r for r in rows if r["stage"] == "claim"]
+    assert {r["config"]["K"] for r in claim} == {1, 3} and {r["config"]["M"] for r in claim} == {1, 5}
+    table = Path(f"{out}.md").read_text()
+    assert "### K = 3 − K = 1 views" in table and "validation tasks" in table
