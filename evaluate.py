@@ -357,6 +357,9 @@ def tv(name, layout, scored, n_images, n_classes, download=True, cb_names=False,
                 n_images=n_images, n_classes=n_classes)
 
 
+FILE_READERS = (read_csv, read_classes_csv)  # readers whose task root is a file, not a folder
+
+
 def emoji_tasks() -> dict:
     """The 8 tasks of examples/emoji: zero-shot by subgroup and retrieval, on the held-out (`emoji_*`) and the
     validation (`emoji_val_*`) entities, by the training artists or by OpenMoji (`*_openmoji`)."""
@@ -468,7 +471,7 @@ def open_task(name, task, args) -> Data:
         found = next(p for p in root.absolute().parents if p.exists())
         where = f" ({found} is a file)" if found.is_file() else ""
         raise DataError(f"{root} does not exist{where}; {fix}")
-    if root.is_file() and task.read is not read_csv:
+    if root.is_file() and task.read not in FILE_READERS:
         raise DataError(f"{root} is a file, not a folder; {fix}")
     new = [p for p in (root.absolute(), *root.absolute().parents) if not p.exists()]  # what a download creates
     try:
