@@ -457,11 +457,15 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
             size = size[0] if isinstance(size, (tuple, list)) else size
             mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
             std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-            forward = lambda x: model.encode_image(x.to(device, non_blocking=True))  # noqa: E731
+
+            def forward(x):
+                return model.encode_image(x.to(device, non_blocking=True))
             dim = model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1]
             return Encoder("", modality, dim, forward, rgb_first(preprocess, size), size, tuple(mean), tuple(std))
         tokenizer = open_clip.get_tokenizer(model_name)
-        forward = lambda texts: model.encode_text(tokenizer(list(texts)).to(device))  # noqa: E731
+
+        def forward(texts):
+            return model.encode_text(tokenizer(list(texts)).to(device))
         return Encoder("", modality, forward(["a"]).shape[-1], forward)
     if kind == "offline" and modality == "image" and name.partition("@")[0] == "efficientnet-lite0":
         import torchvision.transforms as T
@@ -475,7 +479,9 @@ def _build_encoder(kind, name, modality, device) -> Encoder:
         mean = std = (0.5, 0.5, 0.5)
         transform = rgb_first(T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                                          T.ToTensor(), T.Normalize(mean, std)]), size)
-        forward = lambda x: model.extract_features(x.to(device, non_blocking=True)).mean((2, 3))  # noqa: E731
+
+        def forward(x):  # the pooled 1280-d features
+            return model.extract_features(x.to(device, non_blocking=True)).mean((2, 3))
         return Encoder("", modality, 1280, forward, transform, size, mean, std)
     if modality == "text" and kind in ("hf", "offline"):
         from transformers import AutoModel, AutoTokenizer

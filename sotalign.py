@@ -591,12 +591,12 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
     unpaired = UI is not None and (args.lambda_ot > 0 or args.unpaired_negatives or args.lambda_structure > 0)
     ot = unpaired and args.lambda_ot > 0
     Bp = max(min(args.paired_batch, E) // world, 1) * world  # multiples of world: each rank takes an equal slice
-    B = (Bp,)  # (pairs,) or (pairs, unpaired images, unpaired texts) per step
+    batch_sizes = (Bp,)  # (pairs,) or (pairs, unpaired images, unpaired texts) per step
     if unpaired:
         UI, UT = on_device(UI, device), on_device(UT, device)
         Bu = max(min(args.unpaired_batch, len(UI)) // world, 1) * world
         Bv = max(min(args.unpaired_batch, len(UT)) // world, 1) * world
-        B = (Bp, Bu, Bv)
+        batch_sizes = (Bp, Bu, Bv)
 
     def rows(X, idx):  # (len(idx), D) float32 on the device
         return X[idx].to(device, torch.float32)
@@ -634,7 +634,8 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
 
     def mine(idx):  # this rank's slice of a global batch
         return idx.view(world, -1)[rank]
-    log(f"training {method_name(args, unpaired)}: {E} pairs, batches {B} x {world} rank(s) -> {total} steps")
+    log(f"training {method_name(args, unpaired)}: {E} pairs, batches {batch_sizes} x {world} rank(s) -> "
+        f"{total} steps")
 
     def halt(why):
         kept = f"{ckpt} (step {torch.load(ckpt, weights_only=True)['step']})" if ckpt.is_file() else "none"
@@ -691,7 +692,7 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
             dt = (time.time() - tick) / (step - since)
             log(f"step {step}/{total} | loss {metrics['loss']:.4f} (" + " ".join(f"{k} {metrics[k]:.4g}" for k in parts)
                 + f") | lr {sched.get_last_lr()[0]:.2e} | scale {scale.item():.2f} | {1000 * dt:.1f} ms/step"
-                f" | {sum(B) / dt:.0f} samples/s")
+                f" | {sum(batch_sizes) / dt:.0f} samples/s")
             tick, since = time.time(), step
         if rank == 0 and (step % args.ckpt_every == 0 or step == total):
             save_checkpoint(ckpt, CKPT_FORMAT, model, opt, sched, step, args, metrics)

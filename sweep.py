@@ -560,7 +560,9 @@ def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, ma
     seeds = sorted(s for s in set(ha) & set(hb) if need in ha[s] and need in hb[s])
     if not seeds:
         return None
-    avg = lambda h, k: torch.stack([h[s][k + tag] for s in seeds]).mean(0)  # noqa: E731
+
+    def avg(h, k):  # (n,) per-item hits averaged over the seeds
+        return torch.stack([h[s][k + tag] for s in seeds]).mean(0)
     g = torch.Generator().manual_seed(seed)
     if base == "zs_acc1":
         d = avg(ha, "zs") - avg(hb, "zs")  # (n,)
@@ -708,8 +710,9 @@ def report(a, results, budgets):
         for b, _ in budgets:
             if any(r["stage"] == "select" and r["method"] == m and r["budget"] == b for r in results.rows):
                 ch = choose(results, m, b)
-                short = lambda c: ", ".join(f"{k} {v}" for k, v in c.items() if k in METHODS[m].grid)  # noqa: E731
-                L.append(f"| {m} | {b} | {short(ch['zeroshot'])} | {short(ch['retrieval'])} |")
+                short = {s: ", ".join(f"{k} {v}" for k, v in ch[s].items() if k in METHODS[m].grid)
+                         for s in ("zeroshot", "retrieval")}
+                L.append(f"| {m} | {b} | {short['zeroshot']} | {short['retrieval']} |")
     Path(f"{a.out}.md").write_text("\n".join(L) + "\n", encoding="utf-8")
 
     panels = HEADLINE + [(m, f"{dict(HEADLINE)[m.partition(':')[0]]}{tag_of(m)}") for m in metrics if ":" in m]
@@ -721,7 +724,8 @@ def report(a, results, budgets):
                 v = C.get((m, b), {}).get(metric, {})
                 if v:
                     mu, sd = mean_std(list(v.values()))
-                    xs.append(n), ms.append(mu * (100 if metric != "gap" else 1))
+                    xs.append(n)
+                    ms.append(mu * (100 if metric != "gap" else 1))
                     ss.append(0 if math.isnan(sd) else sd * (100 if metric != "gap" else 1))
             if xs:
                 line, = ax.plot(xs, ms, marker="o", label=m)
