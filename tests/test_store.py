@@ -173,7 +173,7 @@ def test_unpaired_halves_are_disjoint_and_skip_the_pairs():
 def coco_root(tmp_path):
     """A dataset root whose Karpathy MSCOCO test split holds 2 images, and a train2017-style pairs file of 4 images,
     2 of them the same COCO ids."""
-    emoji = sorted((ROOT / "examples" / "emoji" / "images").glob("*.png"))
+    emoji = sorted((ROOT / "examples" / "emoji" / "images" / "noto").glob("*.png"))
     split = tmp_path / "datasets" / "mscoco_captions"
     (split / "val2014").mkdir(parents=True)
     (tmp_path / "train2017").mkdir()
