@@ -47,8 +47,8 @@ from PIL import Image
 from tqdm import tqdm
 
 # The readers, encoders, heads and atomic writes evaluate.py shares with the training scripts (plumbing.py).
-from plumbing import (DataError, Encoder, arg, atomic_save, check_folder, head_from_state, load_encoder,
-                      parse_dataclass, read_cache, read_pairs)
+from plumbing import (LEAK_TASKS, DataError, Encoder, arg, atomic_save, check_folder, head_from_state, load_encoder,
+                      parse_dataclass, read_cache, read_pairs, refuse_leak)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
@@ -538,6 +538,18 @@ def read_task(name, task, args):
         return open_task(name, task, args), None
     except DataError as e:
         return None, f"{name}: {one_line(e)}"
+
+
+def check_training_images(spec, dataset_root, images):
+    """Before a training run with --eval `spec`: DataError on an unknown task, or when the training `images` hold
+    images of a requested evaluation split (plumbing.refuse_leak; a partial copy of a split leaks too). A split that
+    is not there is not checked: evaluate.py will skip it."""
+    tasks = resolve_tasks(spec)
+    where = Args(dataset_root=dataset_root, partial=True)
+    for name in LEAK_TASKS.keys() & tasks.keys():
+        data, _ = read_task(name, tasks[name], where)
+        if data is not None:
+            refuse_leak(images, name, data.files, task_root(name, tasks[name], where) / LEAK_TASKS[name])
 
 
 # ---------------------------------------------------------------------------- embedding and caching

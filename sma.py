@@ -41,9 +41,9 @@ from torch.utils.data import Dataset
 # What this file shares with sotalign.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (LEAK_TASKS, DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, check_image,
+from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, check_image,
                       extract, generator, head_state, load_checkpoint, load_encoder, make_head, on_device,
-                      open_image, parse_dataclass, read_exclude, read_pairs, refuse_leak, save_checkpoint, schedule,
+                      open_image, parse_dataclass, read_exclude, read_pairs, save_checkpoint, schedule,
                       setup, store_key, without)
 
 
@@ -539,14 +539,9 @@ def check_run(args: Args, entities, world, images: list):
         raise DataError(f"{args.data}: {entities} entity; a contrastive loss needs at least 2 (add images)")
     if min(args.batch_size, entities) % world:
         raise DataError(f"--batch-size {min(args.batch_size, entities)}: not a multiple of the {world} processes")
-    if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
+    if args.eval:  # evaluate.py (beside this file) refuses an unknown task, or a train/test leak, now
         import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
-        tasks = evaluate.resolve_tasks(args.eval)
-        where = evaluate.Args(dataset_root=args.dataset_root, partial=True)  # a partial copy of a split leaks too
-        for name in LEAK_TASKS.keys() & tasks.keys():  # no train/test leak (plumbing.refuse_leak)
-            data, _ = evaluate.read_task(name, tasks[name], where)  # None: not there, and evaluate.py will skip it
-            if data is not None:
-                refuse_leak(images, name, data.files, evaluate.task_root(name, tasks[name], where) / LEAK_TASKS[name])
+        evaluate.check_training_images(args.eval, args.dataset_root, images)
 
 
 def main(argv=None):

@@ -47,9 +47,9 @@ from torch.utils.data import Dataset
 # What this file shares with sma.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (LEAK_TASKS, AffineHead, DataError, Gather, Store, arg, atomic_save, check_folder, check_image,
+from plumbing import (AffineHead, DataError, Gather, Store, arg, atomic_save, check_folder, check_image,
                       extract, generator, head_state, image_identity, load_checkpoint, load_encoder, make_head,
-                      on_device, open_image, parse_dataclass, read_exclude, read_pairs, read_tars, refuse_leak,
+                      on_device, open_image, parse_dataclass, read_exclude, read_pairs, read_tars,
                       save_checkpoint, schedule, setup, store_key, without)
 
 
@@ -745,14 +745,9 @@ def check_run(args: Args, sizes: list, images: list):
     for flag, n in zip(("--pairs", "--unpaired-images", "--unpaired-texts"), sizes):  # the teacher needs 2 images
         if n < 2:
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
-    if args.eval:  # evaluate.py (beside this file) refuses an unknown task now, not after training
+    if args.eval:  # evaluate.py (beside this file) refuses an unknown task, or a train/test leak, now
         import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
-        tasks = evaluate.resolve_tasks(args.eval)
-        where = evaluate.Args(dataset_root=args.dataset_root, partial=True)  # a partial copy of a split leaks too
-        for name in LEAK_TASKS.keys() & tasks.keys():  # no train/test leak (plumbing.refuse_leak)
-            data, _ = evaluate.read_task(name, tasks[name], where)  # None: not there, and evaluate.py will skip it
-            if data is not None:
-                refuse_leak(images, name, data.files, evaluate.task_root(name, tasks[name], where) / LEAK_TASKS[name])
+        evaluate.check_training_images(args.eval, args.dataset_root, images)
 
 
 def main(argv=None):
