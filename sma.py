@@ -171,13 +171,13 @@ class Views(Dataset):
         return torch.stack(views)
 
 
-def cache_key(pairs: Pairs, args: Args, modality) -> str:
+def cache_key(pairs: Pairs, args: Args, modality, sets=None) -> str:
     """Hash of all the features of `modality` depend on: the images (paths, sizes and mtimes; with --depictions
     every entity's images and how many it has), the image encoder, K and the augmentation seed; or the captions and
     the text encoder. Any change gives another store; nothing stale is ever read. One streamed pass over the items
-    (plumbing.store_key)."""
+    (plumbing.store_key). sets: image_sets(pairs, args.depictions) when the caller has them already."""
     if modality == "image" and args.depictions:
-        sets = image_sets(pairs, args.depictions)
+        sets = sets or image_sets(pairs, args.depictions)
         config = [CACHE_VERSION, args.image_encoder, args.views, args.aug_seed, [len(ps) for ps in sets]]
         return store_key(config, "image", (p for ps in sets for p in ps))
     if modality == "image":
@@ -185,19 +185,22 @@ def cache_key(pairs: Pairs, args: Args, modality) -> str:
     return store_key([CACHE_VERSION, args.text_encoder], "text", (c for caps in pairs.captions for c in caps))
 
 
-def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu") -> dict:
+def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", sets=None) -> dict:
     """Frozen features of every entity's K views and all its captions, in two float16 feature stores
     (plumbing.extract): read where complete, else extracted in shards, resumably, each rank writing its own.
 
     Returns {"image": (E, K, Di) Store, "text": (C, Dt) Store of all captions in entity order, "counts": (E,)
-    captions per entity, "image_per_s": extraction speed (views/s) or None when read}.
+    captions per entity, "image_per_s": extraction speed (views/s) or None when read}. sets: each entity's images
+    (image_sets), when the caller has read them already.
     """
     E, K = len(pairs.images), args.views
     texts = [c for caps in pairs.captions for c in caps]
     workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
     out = {"counts": torch.tensor([len(c) for c in pairs.captions]), "image_per_s": None}
+    sets = sets or image_sets(pairs, args.depictions)  # each entity's images, once: for the key and the views
     for modality, spec in (("image", args.image_encoder), ("text", args.text_encoder)):
-        folder, image = Path(args.cache_dir) / f"sma-{modality}-{cache_key(pairs, args, modality)}", modality == "image"
+        folder = Path(args.cache_dir) / f"sma-{modality}-{cache_key(pairs, args, modality, sets)}"
+        image = modality == "image"
 
         def load():  # only when a shard is missing
             enc = load_encoder(spec, modality, device)
@@ -205,7 +208,7 @@ def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu") -> dict:
             def encode_views(x):  # (B, K, 3, H, W): the views of B images, one encoder call -> (B, K, Di)
                 return enc.encode(x.flatten(0, 1)).view(len(x), K, -1)
             if image:
-                return Views(image_sets(pairs, args.depictions), enc, K, args.aug_seed, range(E)), encode_views
+                return Views(sets, enc, K, args.aug_seed, range(E)), encode_views
             return texts, enc.encode
         batch = max(1, args.extract_batch_size // (K if image else 1))
         store = extract(folder, E if image else len(texts), load, batch, workers if image else 0, rank, world,
@@ -558,9 +561,9 @@ def main(argv=None):
         log(f"--exclude {args.exclude}: dropped {len(pairs.images) - len(kept.images)} entities")
         pairs = kept
     log(f"{args.data}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions")
-    image_sets(pairs, args.depictions)  # a bad --depictions file stops here, before any compute
+    sets = image_sets(pairs, args.depictions)  # a bad --depictions file stops here, before any compute
     check_run(args, len(pairs.images), world, pairs.images)
-    feats = features(pairs, args, rank, world, device)
+    feats = features(pairs, args, rank, world, device, sets)
     model, metrics = train(args, feats, rank, world, device, log)
     results = {}
     if model is not None and rank == 0:  # the run's results are written only now, each atomically
