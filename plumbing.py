@@ -649,6 +649,12 @@ def parse_dataclass(cls, description, argv=None):
 def setup(device_flag: str):
     """(rank, world, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Before the group exists: torch._dynamo (imported later by timm, DDP or torch.compile) imports
+        # torch.distributed modules whose functions default to `group=dist.group.WORLD`. Imported after the init, those
+        # defaults hold the group for good, destroy_process_group cannot free it, and a gloo worker thread still
+        # releasing the last collective when Python shuts down aborts the process ("terminate called without an
+        # active exception": 1 two-process run in 12 on a CPU, torch 2.14). Imported first, they hold None.
+        importlib.import_module("torch._dynamo")  # (`import torch._dynamo` here would make `torch` a local name)
         rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         cuda = torch.cuda.is_available() and device_flag != "cpu"
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -681,6 +687,15 @@ class Gather(torch.autograd.Function):
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
+
+
+def leave(world: int):
+    """End a run under torchrun with all ranks together: rank 0 may still be exporting, and gloo aborts a group that
+    one rank tears down alone. destroy_process_group then frees the group and joins its worker threads while Python
+    is still alive (see setup for what would otherwise keep them running)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 def schedule(total, warmup):
     """Learning-rate factor at step s: linear warm-up over `warmup` steps, then cosine decay to 0. Neither paper

@@ -32,7 +32,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -42,9 +41,9 @@ from torch.utils.data import Dataset
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
 from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, check_image,
-                      extract, generator, head_state, load_checkpoint, load_encoder, make_head, on_device,
-                      open_image, parse_dataclass, read_exclude, read_pairs, save_checkpoint, schedule,
-                      setup, store_key, without)
+                      extract, generator, head_state, leave, load_checkpoint, load_encoder, make_head,
+                      on_device, open_image, parse_dataclass, read_exclude, read_pairs, save_checkpoint,
+                      schedule, setup, store_key, without)
 
 
 # ---------------------------------------------------------------------------- args
@@ -583,9 +582,7 @@ def main(argv=None):
                      "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
                      "image_per_s": feats.get("image_per_s"), "metrics": metrics, "eval": results.get("mean")},
                     out / "manifest.json")
-    if world > 1:  # leave together: rank 0 may still be exporting, and gloo aborts a group torn down alone
-        dist.barrier()
-        dist.destroy_process_group()
+    leave(world)
     if model is not None:
         log(f"sma {args.loss} | seed {args.seed} | {metrics['step']} steps | final loss {metrics['loss']:.4f}"
             + (f" | {results['summary']}" if results else ""))

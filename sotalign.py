@@ -38,7 +38,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -48,8 +47,8 @@ from torch.utils.data import Dataset
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
 from plumbing import (AffineHead, DataError, Gather, Store, arg, atomic_save, check_folder, check_image,
-                      extract, generator, head_state, image_identity, load_checkpoint, load_encoder, make_head,
-                      on_device, open_image, parse_dataclass, read_exclude, read_pairs, read_tars,
+                      extract, generator, head_state, image_identity, leave, load_checkpoint, load_encoder,
+                      make_head, on_device, open_image, parse_dataclass, read_exclude, read_pairs, read_tars,
                       save_checkpoint, schedule, setup, store_key, without)
 
 
@@ -826,9 +825,7 @@ def main(argv=None):
                      "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),
                      "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
                      "teacher_R@1": scores, "metrics": metrics, "eval": results.get("mean")}, out / "manifest.json")
-    if world > 1:  # leave together: rank 0 may still be exporting, and gloo aborts a group torn down alone
-        dist.barrier()
-        dist.destroy_process_group()
+    leave(world)
     if model is not None:
         log(f"sotalign {method} | seed {args.seed} | {metrics['step']} steps | final loss "
             f"{metrics['loss']:.4f}" + (f" | {results['summary']}" if results else ""))

@@ -62,3 +62,46 @@ def test_unknown_spec_and_undownloadable_encoder_name_the_offline_specs():
         load_encoder("py:no_such_module:text", "text")  # a user error (one line, exit 2 from the CLI)
     with pytest.raises(DataError, match=r"cannot import tiny_encoders.nope"):
         load_encoder("py:tiny_encoders:nope", "text")
+
+
+TWO_RANKS = '''
+import json, os, sys, torch
+from plumbing import Gather, leave, setup
+rank, world, device = setup("cpu")
+import timm  # noqa: E402  imports torch._dynamo after the group exists, as loading an encoder does
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+torch.manual_seed(0)
+head, x = torch.nn.Linear(4, 3), torch.randn(8, 4)
+ddp = DDP(head)  # kept: its reducer averages the gradients in backward
+z = Gather.apply(ddp(x.view(world, 4, 4)[rank]))  # this rank's half of the batch, gathered whole
+(z.square().sum() + z.sum() ** 2).backward()  # a loss of the whole batch, not a sum over rows
+del ddp, z  # as when train() returns: the scripts call leave() after it
+leave(world)
+gloo = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:  # one file each: printed lines interleave
+    json.dump({"threads": [n for n in gloo if "gloo" in n], "grad": head.weight.grad.flatten().tolist()}, f)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from /proc (Linux)")
+def test_two_ranks_get_the_one_process_gradient_and_leave_no_gloo_thread(tmp_path):
+    """Gather + DDP give every rank the one-process gradient of a loss over the whole batch. After leave() no gloo
+    worker thread is left, though torch._dynamo was imported after setup (see plumbing.setup): one that outlived
+    Python's shutdown aborted 1 two-process run in 12."""
+    import json
+    import subprocess
+    import sys
+    (tmp_path / "two.py").write_text(TWO_RANKS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(tmp_path / "two.py"),
+                        str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.manual_seed(0)
+    head, x = torch.nn.Linear(4, 3), torch.randn(8, 4)
+    z = head(x)
+    (z.square().sum() + z.sum() ** 2).backward()
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["threads"] == [], f"rank {rank}: gloo threads left after leave(): {seen['threads']}"
+        assert torch.allclose(torch.tensor(seen["grad"]), head.weight.grad.flatten(), atol=1e-5)
