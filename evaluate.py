@@ -648,8 +648,9 @@ class Aligner:
 
     encode_image / encode_text run exactly evaluate.py's path: the frozen encoder on the clean eval view under
     no_grad (bf16 autocast on CUDA; Encoder.encode), then the head, then L2 normalisation (embed). Both return
-    (n, dim) float32 unit vectors on `device`, so `image_emb @ text_emb.T` is the cosine similarity.
-    Metadata: method ("sma", "sotalign", "sotalign-teacher", "siglip-pairs", or "open_clip"), specs (the encoder
+    (n, dim) float32 unit vectors on `device`; score(image_emb, text_emb) is what evaluate.py ranks by (the cosine
+    `image_emb @ text_emb.T`, but CSA's rho-weighted product for a csa export).
+    Metadata: method ("sma", "sotalign", "sotalign-teacher", "csa", "siglip-pairs", or "open_clip"), specs (the encoder
     spec per modality), dim, device, info (the checkpoint's args and final metrics).
     """
 
@@ -683,6 +684,11 @@ class Aligner:
         """texts: a list of strings (or one string). Returns (n, dim) float32, L2-normalised."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         return embed(self.model, "text", encode_texts(self.model.encoder("text"), texts, self.run, desc=None))
+
+    def score(self, image_emb, text_emb) -> torch.Tensor:
+        """(n, m) the score evaluate.py ranks by, of encode_image's (n, dim) and encode_text's (m, dim) outputs: the
+        cosine for every method but a CSA teacher, whose score is sum_i rho_i xh_i yh_i (weighted_by)."""
+        return weighted_by(image_emb, self.info.get("score_weights")) @ text_emb.T
 
 
 def load_aligner(path, device=None, batch_size=256) -> Aligner:

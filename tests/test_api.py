@@ -68,6 +68,22 @@ def test_every_exported_method_gives_unit_float32_embeddings(tmp_path, data, met
     assert aligner.encode_text("green").shape == (1, 16)
 
 
+
+def test_score_is_the_cosine_and_csas_rho_weighted_product_for_a_csa_export(tmp_path, data):
+    """Aligner.score ranks as evaluate.py does: the cosine, but sum_i rho_i xh_i yh_i for a CSA teacher."""
+    paths = sorted(str(p) for p in (data / "folder").glob("*/1.png"))
+    texts = [f"a {name} square" for name in COLOURS]
+    plain = ev.load_aligner(tiny_aligner(tmp_path / "plain.pt", "sotalign-teacher", "affine"), device="cpu")
+    images, captions = plain.encode_image(paths), plain.encode_text(texts)
+    assert torch.allclose(plain.score(images, captions), images @ captions.T)
+    ckpt = torch.load(tmp_path / "plain.pt", weights_only=False)
+    rho = torch.linspace(0.9, 0.1, ckpt["image_head"]["out_dim"])  # CSA's correlations, largest first
+    ev.atomic_save({**ckpt, "method": "csa", "score_weights": rho}, tmp_path / "csa.pt")
+    csa = ev.load_aligner(tmp_path / "csa.pt", device="cpu")
+    brute = torch.tensor([[sum(rho[c] * x[c] * y[c] for c in range(len(rho))) for y in captions] for x in images])
+    assert torch.allclose(csa.score(images, captions), brute, atol=1e-6)
+    assert not torch.allclose(brute, images @ captions.T, atol=1e-3)  # the weights matter here
+
 def test_paths_pil_images_and_a_transformed_batch_give_the_same_embeddings(aligner_path, data):
     aligner = ev.load_aligner(aligner_path, device="cpu", batch_size=3)  # 3: several batches, one partial
     paths = sorted((data / "folder").glob("*/*.png"))
