@@ -66,8 +66,10 @@ def child(a):
     X = so.features("unpaired", "text", items, args, {}, rank, world, device)
     seconds, wrote = time.time() - t0, written() - w0
     assert len(X) == a.n
-    print("RESULT " + json.dumps({"rank": rank, "s": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                  * 1024, "wrote": wrote}), flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"rank": rank, "s": seconds, "rss": peak, "wrote": wrote}
+    # one file per rank: two ranks' lines printed to one pipe can interleave (it broke a parse)
+    Path(a.results, f"rank{rank}.json").write_text(json.dumps(result))
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
@@ -76,18 +78,23 @@ def child(a):
 
 def extraction(code, n, dim, ranks, a, old_dir):
     cache = Path(a.work) / f"{code}-{n}-{dim}-{ranks}"
+    results = Path(a.work) / f"{code}-{n}-{dim}-{ranks}.results"
     shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True)
     env = {**os.environ, "SCALE_DIM": str(dim), "SCALE_PACE": str(a.pace), "PYTHONPATH": str(ROOT / "bench"),
            "OMP_NUM_THREADS": "1"}
     # the child's settings travel in the environment: torchrun's own parser would take --n and the like
-    env.update(SCALE_CHILD=json.dumps({"code": code, "n": n, "cache": str(cache), "old_dir": old_dir}))
+    env.update(SCALE_CHILD=json.dumps({"code": code, "n": n, "cache": str(cache), "old_dir": old_dir,
+                                          "results": str(results)}))
     me = [str(Path(__file__).resolve())]
     cmd = [sys.executable, *me] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     f"--nproc_per_node={ranks}", "--master_port=29533", *me]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t0
-    rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = [json.loads(f.read_text()) for f in sorted(results.glob("rank*.json"))]
+    shutil.rmtree(results, ignore_errors=True)
     if proc.returncode or len(rows) != ranks:
         print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
         return {"code": code, "n": n, "dim": dim, "ranks": ranks, "error": f"exit {proc.returncode}"}
@@ -174,6 +181,7 @@ def main():
     if a.stage2:
         return stage2(a)
     Path(a.work).mkdir(parents=True, exist_ok=True)
+    a.load_start = os.getloadavg()[0]  # the machine's other work shows in the times: the report states it
     old_dir = tempfile.mkdtemp(prefix="old_code_")
     archive = subprocess.run(["git", "archive", a.old, "sotalign.py", "plumbing.py"], cwd=a.repo, capture_output=True,
                              check=True).stdout
@@ -199,13 +207,14 @@ def main():
 
 
 def write_report(a, rows, s2):
-    cpu = f"{os.cpu_count()} CPU cores (shared with other jobs), {platform.processor() or platform.machine()}"
+    cpu = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
     md = [f"# Feature extraction at scale: the feature store against the code it replaced ({cpu})", "",
           f"`python bench/scale.py` (one invocation, {time.strftime('%Y-%m-%d')}), torch {torch.__version__}, Python "
           f"{platform.python_version()}. Stand-in encoder `py:scale:stand_in`: random features, {a.pace:.0f} items/s "
           f"per rank, batches of {BATCH}; texts `item 0000001` ...; old = commit {a.old[:7]}'s sotalign.features "
           "(fp32 partial saves every 60 s, all_gather_object, one .pt); new = the float16 feature store. Each row a "
-          "fresh process (torchrun for 2 ranks) on an empty cache. RSS per node: the sum of the ranks' peaks.", "",
+          "fresh process (torchrun for 2 ranks) on an empty cache. RSS per node: the sum of the ranks' peaks. "
+          f"Load average (1 min) at the start {a.load_start:.2f}, at the end {os.getloadavg()[0]:.2f}.", "",
           "| code | N | dim | ranks | time s | peak RSS / rank GB | peak RSS / node GB | written GB | store GB | "
           "written / store |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
