@@ -842,7 +842,6 @@ def _crc32(path) -> int:
 def _shard_ok(folder: Path, j, rows) -> bool:
     """True if shard j is in `folder` with `rows` rows and the CRC its name carries; damaged copies are deleted."""
     ok = False
-    folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(folder.glob(f"{j:06d}-*.npy")):
         try:
             good = not ok and f"{_crc32(path):08x}" == path.stem[7:] and len(np.load(path, mmap_mode="r")) == rows
@@ -864,6 +863,7 @@ def extract(folder, n, load, batch_size, workers=0, rank=0, world=1, desc="items
     the index. store.encoded: items this rank encoded (0: all read), in store.seconds."""
     folder, S, start_time = Path(folder), SHARD_ROWS, time.time()
     bounds = [(start, min(start + S, n)) for start in range(0, n, S)]
+    folder.mkdir(parents=True, exist_ok=True)
     todo = [j for j in range(rank, len(bounds), world) if not _shard_ok(folder, j, bounds[j][1] - bounds[j][0])]
     batches = []  # never across a shard's edge: a shard's batches are the same in every run
     for j in todo:
