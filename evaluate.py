@@ -650,8 +650,8 @@ class Aligner:
     no_grad (bf16 autocast on CUDA; Encoder.encode), then the head, then L2 normalisation (embed). Both return
     (n, dim) float32 unit vectors on `device`; score(image_emb, text_emb) is what evaluate.py ranks by (the cosine
     `image_emb @ text_emb.T`, but CSA's rho-weighted product for a csa export).
-    Metadata: method ("sma", "sotalign", "sotalign-teacher", "csa", "siglip-pairs", or "open_clip"), specs (the encoder
-    spec per modality), dim, device, info (the checkpoint's args and final metrics).
+    Metadata: method ("sma", "sotalign", "sotalign-teacher", "csa", "siglip-pairs", or "open_clip"), specs (the
+    encoder spec per modality), dim, device, info (the checkpoint's args and final metrics).
     """
 
     def __init__(self, model: Model, batch_size=256):

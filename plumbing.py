@@ -688,7 +688,6 @@ class Gather(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-
 def leave(world: int):
     """End a run under torchrun with all ranks together: rank 0 may still be exporting, and gloo aborts a group that
     one rank tears down alone. destroy_process_group then frees the group and joins its worker threads while Python
@@ -696,6 +695,7 @@ def leave(world: int):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
 
 def schedule(total, warmup):
     """Learning-rate factor at step s: linear warm-up over `warmup` steps, then cosine decay to 0. Neither paper
