@@ -9,8 +9,9 @@ arXiv 2602.23353). This drives sma.py and sotalign.py in-process on one feature 
       --heldout emoji_all --val-tasks emoji_val \
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 \
       --budgets 5%,25%,100% --seeds 0,1,2 --claim-seeds 0,1,2,3,4 --claim-budgets 25%,100% --claim-views 1,3 \
-      --threads 1 --methods multipos,flqmi,teacher,siglip-pairs,sotalign,infonce,siglip --out bench/sweep_artists
-  (bench/sweep_artists.md has its time on 2 CPU cores shared with other jobs, extraction included)
+      --threads 1 --methods multipos,flqmi,teacher,siglip-pairs,sotalign,infonce,siglip,csa,structure,sotalign-neg \
+      --out bench/sweep_artists
+  (bench/sweep_artists.md has its time on 2 CPU cores, extraction included, summed over the invocations that built it)
   (the same command again continues a cut sweep: finished runs are read back from <out>.jsonl, never redone)
 
 Writes <out>.jsonl (one row per finished run, appended and fsynced), <out>.md (tables), <out>.png (plots). A method
