@@ -74,6 +74,14 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
+
+def refuse_bad_entries(bad, skip_bad_rows, where, fix, counted):
+    """Every reader's rule for bad entries (rows, images, samples): without --skip-bad-rows the first one is a
+    DataError (`where`, the entry, how many more, `fix`); with it the caller drops them and reports the count."""
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 1} more {counted})" if len(bad) > 1 else ""
+        raise DataError(f"{where}{bad[0]}{more}. {fix}, or pass --skip-bad-rows to skip and count {counted}")
+
 def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False, image_root=None,
                subset=0) -> Pairs:
     """Read a pairs file: one row per (image, caption).
@@ -146,10 +154,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             captions.append([])
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
-    if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise DataError(f"{path}, {bad[0]}{more}. Fix the row, or pass --skip-bad-rows to skip "
-                        "and count bad rows")
+    refuse_bad_entries(bad, skip_bad_rows, f"{path}, ", "Fix the row", "bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
     return Pairs(str(path), images, captions, bad)
@@ -194,10 +199,8 @@ def read_coco(path, image_root=None, subset=0, skip_bad_rows=False) -> Pairs:
             continue
         images.append(image)
         kept.append(captions[i])
-    if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"{path}, {bad[0]}{more}. Fix it (--image-root names the image folder), or pass "
-                        "--skip-bad-rows to skip and count bad entries")
+    refuse_bad_entries(bad, skip_bad_rows, f"{path}, ", "Fix it (--image-root names the image folder)",
+                       "bad entries")
     if not images:
         raise DataError(f"{path}: no usable images")
     return Pairs(str(path), images, kept, bad)
@@ -258,9 +261,7 @@ def read_tars(pattern, skip_bad_rows=False) -> Pairs:
                 captions.append([caption])
             elif sample.keys() & {"image", "txt", "json"}:  # a sample of other members (e.g. only .parquet): ignored
                 bad.append(f"{tar}, sample {key}: no {'caption' if 'image' in sample else 'image'}")
-    if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"{bad[0]}{more}. Fix the shard, or pass --skip-bad-rows to skip and count such samples")
+    refuse_bad_entries(bad, skip_bad_rows, "", "Fix the shard", "such samples")
     if not images:
         raise DataError(f"{pattern}: no samples with an image and a caption")
     return Pairs(str(pattern), images, captions, bad)

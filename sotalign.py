@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 from plumbing import (AffineHead, DataError, Gather, Store, arg, atomic_save, check_folder, check_image,
                       extract, generator, head_state, image_identity, leave, load_checkpoint, load_encoder,
                       make_head, on_device, open_image, parse_dataclass, read_exclude, read_pairs, read_tars,
-                      save_checkpoint, schedule, setup, store_key, without)
+                      refuse_bad_entries, save_checkpoint, schedule, setup, store_key, without)
 
 
 # ---------------------------------------------------------------------------- args
@@ -190,11 +190,17 @@ def read_unpaired(path, modality, key="", sep="", skip_bad_rows=False) -> list:
     items, bad = [], []
     for where, v in rows:
         v = str((path.parent / v).resolve()) if modality == "image" and v else v
-        problem = f"empty {modality}" if not v else check_image(v) if modality == "image" else None
-        (bad.append(f"{where}: {problem}") if problem else items.append(v))
-    if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise DataError(f"{path}, {bad[0]}{more}. Fix the row, or pass --skip-bad-rows to skip and count bad rows")
+        if not v:
+            problem = f"empty {modality}"
+        elif modality == "image":
+            problem = check_image(v)
+        else:
+            problem = None
+        if problem:
+            bad.append(f"{where}: {problem}")
+        else:
+            items.append(v)
+    refuse_bad_entries(bad, skip_bad_rows, f"{path}, ", "Fix the row", "bad rows")
     if bad:
         print(f"{path}: skipped {len(bad)} bad rows (--skip-bad-rows): {'; '.join(bad[:5])}")
     if not items:
