@@ -75,12 +75,12 @@ def check_image(path: str) -> Optional[str]:
 
 
 
-def refuse_bad_entries(bad, skip_bad_rows, where, fix, counted):
+def refuse_bad_entries(bad, skip_bad_rows, where, fix, counted, more="more"):
     """Every reader's rule for bad entries (rows, images, samples): without --skip-bad-rows the first one is a
-    DataError (`where`, the entry, how many more, `fix`); with it the caller drops them and reports the count."""
+    DataError (`where`, the entry, "(and N `more`)", `fix`); with it the caller drops them and reports the count."""
     if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 1} more {counted})" if len(bad) > 1 else ""
-        raise DataError(f"{where}{bad[0]}{more}. {fix}, or pass --skip-bad-rows to skip and count {counted}")
+        rest = f" (and {len(bad) - 1} {more})" if len(bad) > 1 else ""
+        raise DataError(f"{where}{bad[0]}{rest}. {fix}, or pass --skip-bad-rows to skip and count {counted}")
 
 def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False, image_root=None,
                subset=0) -> Pairs:
@@ -154,7 +154,7 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
             captions.append([])
         if caption not in captions[entity[image]]:
             captions[entity[image]].append(caption)
-    refuse_bad_entries(bad, skip_bad_rows, f"{path}, ", "Fix the row", "bad rows")
+    refuse_bad_entries(bad, skip_bad_rows, f"{path}, ", "Fix the row", "bad rows", more="more bad rows")
     if not images:
         raise DataError(f"{path}: no usable rows")
     return Pairs(str(path), images, captions, bad)

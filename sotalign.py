@@ -200,7 +200,7 @@ def read_unpaired(path, modality, key="", sep="", skip_bad_rows=False) -> list:
             bad.append(f"{where}: {problem}")
         else:
             items.append(v)
-    refuse_bad_entries(bad, skip_bad_rows, f"{path}, ", "Fix the row", "bad rows")
+    refuse_bad_entries(bad, skip_bad_rows, f"{path}, ", "Fix the row", "bad rows", more="more bad rows")
     if bad:
         print(f"{path}: skipped {len(bad)} bad rows (--skip-bad-rows): {'; '.join(bad[:5])}")
     if not items:
