@@ -39,10 +39,16 @@ Protocol (every choice here is ours, not the papers'):
   scored on the validation split with two signals of the kind of the reported metrics: zero-shot acc1 on the
   validation entities whose class (--val-classes: image,class with the class folders of the held-out zero-shot task,
   whose class names and templates are used) is one of the held-out task's classes, and validation retrieval R@1
-  ((i2t + t2i) / 2). Each signal picks its own config (ties: the first in grid order); the chosen configs are rerun
+  ((i2t + t2i) / 2). Each signal picks its own config (ties: the first tried); the chosen configs are rerun
   on every seed. Held-out zero-shot acc1 is reported from the zero-shot-selected runs, retrieval R@1 and the modality
   gap (held-out retrieval pairs) from the R@1-selected runs. Selecting on seed 0 only and reusing it for all seeds
   saves CPU time; the chosen configs are in <out>.jsonl and <out>.md.
+- Grid edges (`select`, the same rule for every method): a numeric setting (EDGE: lr, steps, tau, lambda_ot,
+  lambda_structure, reg) with >= 2 values tried whose chosen value is the smallest or largest tried gets one more
+  select run one step past it (x3 lr, lambda, reg; x2 steps; the next value of TAUS), the others held at the chosen
+  values, and the signal picks again; until every choice is interior or at a hard bound (lr 1e-6..0.1, steps
+  10..STEP_CAP, tau 0.01..1, lambda and reg 0), at most --edge-rounds extensions per choice. <out>.md lists the values
+  tried per choice and marks those left on an edge or at a bound. (bench/sweep_artists.jsonl predates the rule.)
 - Temperature: for flqmi / infonce / multipos tau is fixed (sma.py --fixed-tau) and selected from the grid: learned
   at the heads' lr it moves by < 15% in 150 steps (bench/sweep_tau_emoji.md), so its initial value is what matters.
   SigLIP's scale and bias stay learned (the grid sets the initial scale of sma.py's siglip; sotalign.py's starts at
@@ -50,14 +56,19 @@ Protocol (every choice here is ours, not the papers'):
 - Heads and steps: d = 128 (--dim), SMA hidden 256 (--hidden), batch 128 entities (--batch-size; the unpaired
   batch too), sotalign's heads 1 layer (the authors'); steps are set by the grid and are the same at every budget
   (SMA's epochs are derived from them).
-- Uncertainty: mean +- std over seeds per cell; for the headline comparisons (COMPARE) a paired bootstrap over the
-  held-out items (the same images / entities scored by both methods, per-item hits averaged over the seeds both
-  ran), 2,000 resamples, 95% percentile interval of the difference.
+- Uncertainty: mean +- std over seeds per cell; for the headline comparisons (COMPARE) a paired bootstrap over
+  entities and seeds (`entity_seed_bootstrap`): each resample draws the held-out entities (all of an entity's
+  drawings, or its image with all its descriptions) and the seeds with replacement, the same seeds for both methods
+  (a seed fixes the same pairs for both), N_BOOT resamples, 95% percentile interval of the difference. It covers test
+  sampling and training noise, not the selection's (one seed, one validation split).
 - SMA's claim: FLQMI against multi-positive InfoNCE at a matched config (same lr, steps, fixed tau, heads) with
   K in --claim-views views (the first K) and M = 1 and M = 5 captions per step, --claim-seeds seeds, at each
   --claim-budgets budget, once at multipos's and once at flqmi's zero-shot-selected config (so neither method runs
   only at the other's optimum). The same runs give K = max - K = min per loss: several depictions against one.
-- Resolution: each paired interval's half-width is the minimal detectable difference (MDD) of the set for it.
+- Resolution and words: each interval comes with MDD80 = (1.96 + 0.84) x its bootstrap SE, the difference a test at
+  the 5% level detects with 80% power, and the number of entities and seeds behind it; `verdict` turns it into the
+  one set of words (better / worse, or confirmed / refuted for a claim, only when it excludes 0; tie within +-x for
+  x <= TIE; else not resolved) that <out>.md, the README and docs/RESULTS.md use.
 """
 import argparse
 import csv
@@ -84,6 +95,10 @@ import sotalign
 
 class UserError(ValueError):
     """A bad command line or input: printed as one line, exit status 2."""
+
+
+class StopSweep(Exception):
+    """--stop-after-runs reached: the sweep stops here; the same command continues it."""
 
 
 # ---------------------------------------------------------------------------- methods
@@ -143,7 +158,7 @@ class Method:
 
 
 # not specified in the papers; we use these grids (kept small for the CPU; lr, steps and the temperature for every
-# trained method, eta / lambda where the method has them)
+# trained method, eta / lambda where the method has them); a choice on a grid's edge is extended (EDGE, `select`)
 SMA_GRID = {"lr": [1e-3, 3e-3], "steps": [50, 150], "tau": [0.05, 0.1, 0.2]}
 METHODS = {
     "flqmi": Method(train_sma, {"loss": "flqmi", "learn_tau": False}, {**SMA_GRID, "eta": [1.0]}),
@@ -158,13 +173,13 @@ METHODS = {
     # from scale 20, bias -10; docs/FAITHFULNESS.md); the grids bracket the authors' lr 1e-4 and lambda 1e-4
     "siglip-pairs": Method(train_sotalign, {}, {"lr": [1e-4, 3e-4, 1e-3], "steps": [100, 300]}),
     "sotalign": Method(train_sotalign, {"unpaired": True},
-                       {"lr": [1e-4, 3e-4, 1e-3], "steps": [300], "lambda_ot": [1e-4, 1e-2]},
+                       {"lr": [1e-4, 3e-4, 1e-3], "steps": [100, 300], "lambda_ot": [1e-4, 1e-2]},
                        needs_unpaired=True),
     # the papers' other baselines (sotalign.py's options): CSA's CCA is unregularised (reg 0), its score rho-weighted
     "csa": Method(train_teacher, {"kind": "csa"}, {"reg": [0.0, 1e-3, 0.01, 0.1], "dim": [32, 128, 0]}),
     # the authors' own setting: the unpaired samples are also SigLIP negatives (their lambda 1e-4 was tuned so)
     "sotalign-neg": Method(train_sotalign, {"unpaired": True, "negatives": True},
-                           {"lr": [1e-4, 3e-4, 1e-3], "steps": [300], "lambda_ot": [1e-4, 1e-2]},
+                           {"lr": [1e-4, 3e-4, 1e-3], "steps": [100, 300], "lambda_ot": [1e-4, 1e-2]},
                            needs_unpaired=True),
     # STRUCTURE as it and SOTAlign's re-run train: CLIP InfoNCE at a fixed tau = 0.05 on the pairs, the regulariser
     # over paired + unpaired features, lambda 10 theirs
@@ -183,6 +198,94 @@ HEADLINE = [("zs_acc1", "zero-shot acc1 (held-out)"), ("R@1", "retrieval R@1 (he
 def configs(method: Method):
     keys = list(method.grid)
     return [{**method.fixed, **dict(zip(keys, values))} for values in itertools.product(*method.grid.values())]
+
+
+# ---------------------------------------------------------------------------- the grid-edge rule
+@dataclass(frozen=True)
+class Edge:
+    """How a numeric setting's grid extends past a chosen value that is the smallest or largest tried: one step of
+    x `factor` (or the next value of `ladder`), never past the hard bounds [lo, hi]; a step down below `snap` goes to
+    lo (lambda and reg: to 0, which a factor never reaches)."""
+    factor: float = 0.0
+    ladder: tuple = ()
+    lo: float = 0.0
+    hi: float = math.inf
+    snap: float = 0.0
+
+
+STEP_CAP = 2400  # steps never go past this (x2 from 150: 300, 600, 1200, 2400); the report names it
+TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # the tau ladder (tau = 1 / initial logit scale for siglip)
+EDGE = {"lr": Edge(factor=3, lo=1e-6, hi=0.1), "steps": Edge(factor=2, lo=10, hi=STEP_CAP),
+        "tau": Edge(ladder=TAUS, lo=TAUS[0], hi=TAUS[-1]),
+        "lambda_ot": Edge(factor=3, lo=0.0, hi=10.0, snap=1e-6),
+        "lambda_structure": Edge(factor=3, lo=0.0, hi=1e3, snap=1e-3),
+        "reg": Edge(factor=3, lo=0.0, hi=100.0, snap=1e-4)}
+# not extended: eta (one value, FLQMI's default), csa's dim (0 = all components: not an ordered scale)
+EDGE_ROUNDS = 12  # at most this many extensions per choice; a choice still on an edge then is marked so
+
+
+def next_value(rule: Edge, v, up):
+    """The value one step past v (up or down) under `rule`, or None when v is at the hard bound that way."""
+    if rule.ladder:
+        on = [x for x in rule.ladder if (x > v if up else x < v)]
+        nxt = (min(on) if up else max(on)) if on else (rule.hi if up else rule.lo)
+    else:
+        nxt = v * rule.factor if up else v / rule.factor
+        if not up and nxt < rule.snap:
+            nxt = rule.lo
+    nxt = min(max(nxt, rule.lo), rule.hi)
+    if nxt == v:
+        return None
+    return int(round(nxt)) if isinstance(v, int) else float(f"{nxt:.3g}")
+
+
+def select(candidates, score, tune, rounds=EDGE_ROUNDS):
+    """The grid-edge rule (issue 24). candidates: configs in grid order; score(config) -> validation score (higher
+    is better) or None (not run, and not to be run: the report reading a sweep back); tune: {name: Edge} of the
+    numeric settings to tune. Picks the best config (ties: the first tried); while a tuned setting with >= 2 values
+    tried sits on the smallest or largest of them, scores the config one step past it (the others held at the chosen
+    values) and picks again, until every such choice is interior, at a hard bound, or `rounds` extensions are spent.
+    -> (best config, {name: {"tried": sorted values, "chosen": v, "mark": "interior" | "bound" | "edge"}}), where
+    "edge" is a choice on an edge that was not extended (not run, or out of rounds), or None when nothing scored."""
+    tried, seen = [], set()
+    for c in candidates:
+        k = json.dumps(c, sort_keys=True)
+        if k not in seen and (s := score(c)) is not None:
+            seen.add(k)
+            tried.append((c, s))
+    if not tried:
+        return None, {}
+    unrun, extended = set(), 0
+    while True:
+        best = max(tried, key=lambda cs: cs[1])[0]  # max keeps the first of ties
+        if extended == rounds:
+            break
+        for name, rule in tune.items():
+            values = sorted({c[name] for c, _ in tried if name in c})
+            if name in unrun or name not in best or len(values) < 2 or values[0] < best[name] < values[-1]:
+                continue
+            nxt = next_value(rule, best[name], up=best[name] == values[-1])
+            if nxt is None:
+                continue  # at a hard bound
+            c = {**best, name: nxt}
+            if (s := score(c)) is None:
+                unrun.add(name)
+                continue
+            tried.append((c, s))
+            extended += 1
+            break  # pick again with the new config
+        else:
+            break  # nothing extended: every choice is interior, at a bound or not to be run
+    info = {}
+    for name, rule in tune.items():
+        values = sorted({c[name] for c, _ in tried if name in c})
+        if name not in best or len(values) < 2:
+            continue
+        v = best[name]
+        interior = values[0] < v < values[-1]
+        at_bound = not interior and next_value(rule, v, up=v == values[-1]) is None
+        info[name] = {"tried": values, "chosen": v, "mark": "interior" if interior else "bound" if at_bound else "edge"}
+    return best, info
 
 
 # ---------------------------------------------------------------------------- data
@@ -313,6 +416,35 @@ def load_tasks(spec, common, cache_dir):
     return tasks
 
 
+def task_index(spec):
+    """{metric: what its intervals and chance level need} of the held-out tasks `spec` (metric: zs_acc1 or R@1 with
+    the task's tag), read from their files (no features, no encoder): zero-shot: "labels" (N,) and "entity" (N,),
+    the entity of each image, in the order its hits are stored (images of the same class and file name are one
+    entity: examples/emoji's images/<artist>/<id>.png are one emoji's drawings); retrieval: "n_images" and
+    "text_image" (T,), the image (one per entity) of each caption."""
+    eargs = evaluate.Args(aligner="-", tasks=spec, device="cpu", workers=0)
+    resolved = evaluate.resolve_tasks(spec)
+    tag = tags([(name, task.kind) for name, task in resolved.items()])
+    out = {}
+    for name, task in resolved.items():
+        data, skipped = evaluate.read_task(name, task, eargs)
+        if skipped:
+            raise UserError(f"--heldout: {skipped}")
+        if task.kind == evaluate.CLS:
+            labels = data.labels if data.labels is not None else getattr(data.images, "labels", None)
+            if labels is None or len(labels) != len(data.files):
+                raise UserError(f"--heldout {name}: its reader lists no label per image file; the intervals need "
+                                "them (use a folder or an image,class list)")
+            keys = [(int(y), Path(f).stem) for f, y in zip(data.files, labels)]
+            ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+            out["zs_acc1" + tag[name]] = {"kind": "zeroshot", "labels": torch.tensor([int(y) for y in labels]),
+                                          "entity": torch.tensor([ids[k] for k in keys])}
+        else:
+            out["R@1" + tag[name]] = {"kind": "retrieval", "n_images": len(data.captions),
+                                      "text_image": torch.tensor([i for i, c in enumerate(data.captions) for _ in c])}
+    return out
+
+
 def val_tasks(pairs, F_, val_ids, classes_csv, heldout):
     """Validation tasks on the validation entities: retrieval (view 0 + all captions) and, with --val-classes,
     zero-shot over the held-out zero-shot task's classes, names and templates."""
@@ -391,15 +523,37 @@ def plan(a, budgets, seeds, methods):
                                 yield "claim", loss, b, s, {"M": M, "K": K, "from": src}
 
 
-def choose(results, name, budget):
-    """The configs the validation signals pick for (method, budget): {"zeroshot": cfg, "retrieval": cfg}."""
+def tuned(name):
+    """{setting: Edge} of method `name`'s numeric settings that the grid-edge rule tunes."""
+    return {k: EDGE[k] for k in METHODS[name].grid if k in EDGE}
+
+
+def selections(results, name, budget, train=None, rounds=EDGE_ROUNDS):
+    """What each validation signal picks for (method, budget) under the grid-edge rule (`select`):
+    {"zeroshot": (config, info), "retrieval": (config, info)}. Candidates: the grid, then the configs the rule asks
+    for. Scores are read from the select rows; train(config) -> its select row runs a config that has none (the
+    sweep), without it such a config is skipped (the report). Given the same rows and rounds, the report so replays
+    the sweep's choices exactly."""
     rows = [r for r in results.rows if r["stage"] == "select" and r["method"] == name and r["budget"] == budget]
-    best = {}
+    found = {json.dumps(r["config"], sort_keys=True): r for r in rows}
+    cands = configs(METHODS[name])  # extensions enter only as each signal's own rule asks: a read-back replays it
+    out = {}
     for signal, metric in (("zeroshot", "zs_acc1"), ("retrieval", "R@1")):
-        scored = [r for r in rows if metric in r["val"]] or [r for r in rows]
-        metric = metric if metric in scored[0]["val"] else "R@1"  # no validation zero-shot task: R@1
-        best[signal] = max(scored, key=lambda r: r["val"][metric])["config"]  # max keeps the first of ties
-    return best
+        if signal == "zeroshot" and rows and not any(metric in r["val"] for r in rows):
+            metric = "R@1"  # no validation zero-shot task: R@1
+
+        def score(c):
+            r = found.get(json.dumps(c, sort_keys=True))
+            if r is None and train is not None:
+                r = found[json.dumps(c, sort_keys=True)] = train(c)
+            return None if r is None else r["val"].get(metric)
+        out[signal] = select(cands, score, tuned(name), rounds)
+    return out
+
+
+def choose(results, name, budget, train=None, rounds=EDGE_ROUNDS):
+    """The configs the validation signals pick for (method, budget): {"zeroshot": cfg, "retrieval": cfg}."""
+    return {signal: cfg for signal, (cfg, _) in selections(results, name, budget, train, rounds).items()}
 
 
 def sweep(a):
@@ -429,44 +583,55 @@ def sweep(a):
           f"{budgets}; {len(todo)} planned runs, {len(results.rows)} rows already in {a.out}.jsonl; "
           f"features {t_extract:.1f} s")
     n_new = 0
+
+    def run(stage, name, label, n, seed, c, signals):
+        """Train and score one run, append its row; StopSweep once --stop-after-runs new runs are done."""
+        nonlocal n_new
+        key = Results.key(stage, name, label, seed, c)
+        if key in results.done:
+            return results.done[key]
+        if a.stop_after_runs and n_new >= a.stop_after_runs:
+            raise StopSweep
+        m = METHODS[name]
+        data = run_data(F_, train_ids, n, seed, m.needs_unpaired)
+        tick = time.time()
+        torch.manual_seed(seed)
+        hi, ht, steps = m.train(c, data, seed, common)
+        dt = time.time() - tick
+        row = {"key": key, "stage": stage, "method": name, "budget": label, "n_paired": n,
+               "n_pairs": data["n_pairs"], "seed": seed, "config": c, "selected_for": signals,
+               "steps": steps, "train_s": round(dt, 2)}
+        if stage == "select":
+            row["val"] = score_all((hi, ht), val)
+        else:
+            row["heldout"] = score_all((hi, ht), heldout, with_hits=True)
+        results.add({**row, **clock(t_start, t_extract)})
+        n_new += 1
+        return row
+
     with tempfile.TemporaryDirectory() as tmp:
         common["tmp"] = tmp
-        for stage, name, (label, n), seed, cfg in tqdm(todo, desc="runs", unit="run"):
-            m = METHODS[name]
-            chosen = None if stage != "run" else choose(results, name, label)
-            if stage == "run":
-                cfgs = {}  # one run per distinct chosen config
-                for signal, c in chosen.items():
-                    cfgs.setdefault(json.dumps(c, sort_keys=True), []).append(signal)
-                work = [(json.loads(c), signals) for c, signals in cfgs.items()]
-            elif stage == "claim":
-                base = choose(results, cfg["from"], label)["zeroshot"]
-                work = [({**json.loads(shared(base)), "loss": name, "learn_tau": False, "M": cfg["M"], "K": cfg["K"]},
-                         ["claim"])]
-            else:
-                work = [(cfg, [])]
-            for c, signals in work:
-                key = Results.key(stage, name, label, seed, c)
-                if key in results.done:
-                    continue
-                if a.stop_after_runs and n_new >= a.stop_after_runs:
-                    session(results, t_start, t_extract, n_new)
-                    print(f"stopping after {n_new} new runs (--stop-after-runs); rerun the command to continue")
-                    return results
-                data = run_data(F_, train_ids, n, seed, m.needs_unpaired)
-                tick = time.time()
-                torch.manual_seed(seed)
-                hi, ht, steps = m.train(c, data, seed, common)
-                dt = time.time() - tick
-                row = {"key": key, "stage": stage, "method": name, "budget": label, "n_paired": n,
-                       "n_pairs": data["n_pairs"], "seed": seed, "config": c, "selected_for": signals,
-                       "steps": steps, "train_s": round(dt, 2)}
-                if stage == "select":
-                    row["val"] = score_all((hi, ht), val)
+        try:
+            for stage, name, (label, n), seed, cfg in tqdm(todo, desc="runs", unit="run"):
+                if stage == "run":  # the grid-edge rule may train more select runs (seed 0) before choosing
+                    chosen = choose(results, name, label, lambda c: run("select", name, label, n, 0, c, []),
+                                    a.edge_rounds)
+                    cfgs = {}  # one run per distinct chosen config
+                    for signal, c in chosen.items():
+                        cfgs.setdefault(json.dumps(c, sort_keys=True), []).append(signal)
+                    work = [(json.loads(c), signals) for c, signals in cfgs.items()]
+                elif stage == "claim":
+                    base = choose(results, cfg["from"], label, rounds=a.edge_rounds)["zeroshot"]
+                    work = [({**json.loads(shared(base)), "loss": name, "learn_tau": False, "M": cfg["M"],
+                              "K": cfg["K"]}, ["claim"])]
                 else:
-                    row["heldout"] = score_all((hi, ht), heldout, with_hits=True)
-                results.add({**row, **clock(t_start, t_extract)})
-                n_new += 1
+                    work = [(cfg, [])]
+                for c, signals in work:
+                    run(stage, name, label, n, seed, c, signals)
+        except StopSweep:
+            session(results, t_start, t_extract, n_new)
+            print(f"stopping after {n_new} new runs (--stop-after-runs); rerun the command to continue")
+            return results
     session(results, t_start, t_extract, n_new)
     report(a, results, budgets)
     print(summary(a, results))
@@ -547,13 +712,50 @@ def tag_of(metric):
     return metric[metric.index(":"):] if ":" in metric else ""
 
 
-def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, matched=None, n_boot=2000, seed=0,
+N_BOOT = 10_000  # resamples: at 2,000 a printed bound moved by 0.1 point between bootstrap seeds, enough to flip a
+# borderline word; at 10,000 its Monte Carlo error is about half that
+
+
+def counts(idx, n):
+    """(B, n) how often each of 0..n-1 occurs in each row of idx (B, k): the weights of a bootstrap resample."""
+    one = torch.ones(idx.shape, dtype=torch.float64)
+    return torch.zeros(len(idx), n, dtype=torch.float64).scatter_add_(1, idx, one)
+
+
+def entity_seed_bootstrap(parts, n_entities, n_boot=None, seed=0):
+    """Paired bootstrap over entities and seeds (issue 24) of a difference that is a weighted sum of item means.
+
+    parts: [(w, D, ent)], w a weight, D (S, N) float64 the per-item difference of hits a − b of each item n on seed s
+    (paired: seed s fixes the same pairs and order for both arms), ent (N,) long, the entity 0..E-1 of each item
+    (E = n_entities; all parts share the entities and seeds). Statistic: sum_k w_k * mean_n mean_s D_k[s, n].
+    A resample draws E entities and S seeds with replacement; entity e comes c_e times with all its items, in
+    every part, and seed s c_s times: part k's value is sum_n c_ent(n) (sum_s c_s D_k[s, n] / S) / sum_n c_ent(n).
+    The interval so covers which entities were tested and which training seeds were drawn. With 3 or 5 seeds the
+    seed factor is coarse, and resampling both factors of a crossed design errs slightly wide (Owen 2007, "The
+    pigeonhole bootstrap", Ann. Appl. Stat.). -> {"diff", "lo", "hi" (2.5% and 97.5% percentiles), "se" (std of
+    the resamples), "entities", "seeds", "items" (N of the first part)}."""
+    S, n_boot = parts[0][1].shape[0], n_boot or N_BOOT
+    g = torch.Generator().manual_seed(seed)
+    ce = counts(torch.randint(n_entities, (n_boot, n_entities), generator=g), n_entities)  # (B, E)
+    cs = counts(torch.randint(S, (n_boot, S), generator=g), S) / S  # (B, S)
+    boots, diff = torch.zeros(n_boot, dtype=torch.float64), 0.0
+    for w, D, ent in parts:
+        De = torch.zeros(S, n_entities, dtype=torch.float64).index_add_(1, ent, D)  # (S, E) sums per entity
+        Ne = torch.bincount(ent, minlength=n_entities).double()  # (E,) items per entity
+        boots += w * ((cs @ De) * ce).sum(1) / (ce @ Ne)  # (B,)
+        diff += w * D.mean().item()
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": diff, "lo": lo, "hi": hi, "se": boots.std().item(), "entities": n_entities, "seeds": S,
+            "items": parts[0][1].shape[1]}
+
+
+def bootstrap(results, a, b, budget, metric, task, stage="run", M=None, matched=None, n_boot=None, seed=0,
               K=(None, None)):
-    """Paired bootstrap over held-out items of mean(a) - mean(b), per-item hits averaged over the seeds both ran.
-    metric zs_acc1[tag]: items = zero-shot images; R@1[tag]: items = retrieval images with their captions
-    ((i2t + t2i) / 2 recomputed on each resample; text_image: that task's). K: the views of a's and b's claim runs
-    (a == b with two K: K = 3 against K = 1). -> (diff, lo, hi, n_items, n_seeds) or None. The half-width
-    (hi - lo) / 2 is the minimal detectable difference of the comparison."""
+    """entity_seed_bootstrap of mean(a) - mean(b) on a held-out metric, over the seeds both ran. metric
+    zs_acc1[tag]: items = zero-shot images, grouped into entities by `task_index`; R@1[tag]: (i2t + t2i) / 2, items
+    = retrieval images (one per entity) and their captions (each with its image's entity). task: task_index's
+    entry for the metric. K: the views of a's and b's claim runs (a == b with two K: K = 3 against K = 1).
+    -> entity_seed_bootstrap's dict, or None when no seed has both."""
     base, tag = metric.partition(":")[0], tag_of(metric)
     signal = "claim" if stage == "claim" else "zeroshot" if base == "zs_acc1" else "retrieval"
     ha, hb = (item_hits(results, m, budget, range(10 ** 6), signal, stage, M, matched, k) for m, k in zip((a, b), K))
@@ -562,23 +764,45 @@ def bootstrap(results, a, b, budget, metric, text_image, stage="run", M=None, ma
     if not seeds:
         return None
 
-    def avg(h, k):  # (n,) per-item hits averaged over the seeds
-        return torch.stack([h[s][k + tag] for s in seeds]).mean(0)
-    g = torch.Generator().manual_seed(seed)
+    def diff(k):  # (S, n) per-item hits of a minus b, one row per seed
+        return torch.stack([ha[s][k + tag] - hb[s][k + tag] for s in seeds])
     if base == "zs_acc1":
-        d = avg(ha, "zs") - avg(hb, "zs")  # (n,)
-        idx = torch.randint(len(d), (n_boot, len(d)), generator=g)
-        boots, diff, n = d[idx].mean(1), d.mean().item(), len(d)
+        ent = task["entity"]
+        parts = [(1.0, diff("zs"), ent)]
     else:
-        di, dt = avg(ha, "i2t") - avg(hb, "i2t"), avg(ha, "t2i") - avg(hb, "t2i")  # (I,), (T,)
-        n = len(di)
-        per_img = torch.zeros(n, dtype=torch.float64).index_add_(0, text_image, dt)  # t2i hit sums per image
-        count = torch.bincount(text_image, minlength=n).double()
-        idx = torch.randint(n, (n_boot, n), generator=g)
-        boots = di[idx].mean(1) / 2 + per_img[idx].sum(1) / count[idx].sum(1) / 2
-        diff = (di.mean() / 2 + dt.mean() / 2).item()
-    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return diff, lo, hi, n, len(seeds)
+        ent = torch.arange(len(ha[seeds[0]]["i2t" + tag]))
+        parts = [(0.5, diff("i2t"), ent), (0.5, diff("t2i"), task["text_image"])]
+    if parts[0][1].shape[1] != len(ent):
+        raise UserError(f"{metric}: the runs hold {parts[0][1].shape[1]} per-item hits, the task {len(ent)} items; "
+                        "the held-out task files changed since the sweep ran: rerun it or restore them")
+    return entity_seed_bootstrap(parts, int(ent.max()) + 1, n_boot, seed)
+
+
+# A tie is claimed only when the whole interval lies within this many points of 0: the resolution the emoji set was
+# built to reach (README, "Results": a target of +-1.5 points), fixed before the entity + seed intervals were seen.
+TIE = 1.5
+
+
+def verdict(lo, hi, tie=TIE, claim=0):
+    """The one rule for the words (issue 24). [lo, hi]: a 95% interval of a difference a − b in points, taken as
+    printed (rounded to 0.1, so a bound shown as +0.0 does not exclude 0). -> "better" (lo > 0), "worse" (hi < 0),
+    "tie within ±x" (0 inside, x = max(|lo|, |hi|) <= tie), else "not resolved". claim = +1 (the claim is a > b)
+    or -1 (a < b): "confirmed" / "refuted" in place of better / worse, so only an interval that excludes 0
+    confirms or refutes a claim."""
+    lo, hi = round(lo, 1) + 0.0, round(hi, 1) + 0.0  # + 0.0: -0.0 -> 0.0
+    if lo > hi:
+        raise ValueError(f"verdict: lo {lo} > hi {hi}")
+    if lo > 0 or hi < 0:
+        if not claim:
+            return "better" if lo > 0 else "worse"
+        return "confirmed" if (lo > 0) == (claim > 0) else "refuted"
+    x = max(abs(lo), abs(hi))
+    return f"tie within ±{x:.1f}" if x <= tie else "not resolved"
+
+
+def mdd80(r):
+    """The minimal detectable difference at 80% power of a two-sided 5% test: (1.96 + 0.84) x SE = 2.8 SE, points."""
+    return 2.8 * 100 * r["se"]
 
 
 def fmt(xs, pct=True):
@@ -596,17 +820,16 @@ def report(a, results, budgets):
     import matplotlib.pyplot as plt
     C = cells(results)
     methods = [m for m in a.methods if any(k[0] == m for k in C)]
-    text_image, chance = {}, {}  # per task tag ("" = the headline tasks, ":openmoji", ...)
+    index, chance = {}, {}  # per bootstrapped metric (zs_acc1, R@1, and with a task tag: zs_acc1:openmoji, ...)
     metrics = ["zs_acc1", "R@1"]  # the bootstrapped ones: each task's headline metric, with its tag
-    if any(r["stage"] in ("run", "claim") for r in results.rows):  # the tasks' labels (cached; no encoder loads)
-        tasks = load_tasks(a.heldout, {"image_encoder": a.image_encoder, "text_encoder": a.text_encoder},
-                           a.cache_dir)
-        metrics = [("zs_acc1" if t["kind"] == "zeroshot" else "R@1") + t["tag"] for t in tasks.values()]
-        for t in tasks.values():
+    if any(r["stage"] in ("run", "claim") for r in results.rows):  # the tasks' items, from their files
+        index = task_index(a.heldout)
+        metrics = list(index)
+        for metric, t in index.items():
             if t["kind"] == "retrieval":  # a random ranking's R@1
-                text_image[t["tag"]], chance["R@1" + t["tag"]] = t["text_image"], 1 / len(t["image"])
+                chance[metric] = 1 / t["n_images"]
             else:  # the largest class, as the emoji README's chance level
-                chance["zs_acc1" + t["tag"]] = torch.bincount(t["labels"]).max().item() / len(t["labels"])
+                chance[metric] = torch.bincount(t["labels"]).max().item() / len(t["labels"])
     device = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     validation = (f"validation tasks `{a.val_tasks}` (entities of their own)" if a.val_tasks else
                   f"validation {a.val_pct}% of the entities (sha1 of the image path)"
@@ -635,26 +858,36 @@ def report(a, results, budgets):
                                               for b, _ in budgets) + " |")
         L.append("")
 
-    def interval(r, seeds=True):
-        """A bootstrap result as `diff [lo, hi] ±mdd`: mdd, the half-width, is the minimal detectable difference."""
+    def interval(r, claim=1, n=True):
+        """A bootstrap result as `diff [lo, hi], MDD80 x (E × S): verdict` in points; claim: verdict's (0: the word
+        without a claim; None: no word)."""
         if r is None:
             return "–"
-        return (f"{100 * r[0]:+.1f} [{100 * r[1]:+.1f}, {100 * r[2]:+.1f}] ±{50 * (r[2] - r[1]):.1f}"
-                + (f" (n = {r[3]}, {r[4]} seeds)" if seeds else ""))
+        lo, hi = 100 * r["lo"], 100 * r["hi"]
+        word = "" if claim is None else ": **" + verdict(lo, hi, claim=claim) + "**"
+        return (f"{100 * r['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], MDD80 {mdd80(r):.1f}"
+                + (f" ({r['entities']} × {r['seeds']})" if n else "") + word)
 
-    L += ["### Paired bootstrap, 95% intervals of the difference (points of %), held-out items", "",
-          "Each method's per-item hits are averaged over the seeds, then the held-out items are resampled (2,000 "
-          "times). `±x` is the interval's half-width: the minimal detectable difference (MDD) of this set for that "
-          "comparison. The interval covers the sampling of test items only. It does not cover the noise of the "
-          "selection (one seed, a small validation split): where two methods were given different configs, part of "
-          "a difference can come from that.", "",
+    rule = (f"Verdict (sweep.py `verdict`, the same rule in README and docs/RESULTS.md): the claim `a − b` > 0 is "
+            f"**confirmed** when the interval, as printed, excludes 0 above, **refuted** when it excludes 0 below, a "
+            f"**tie within ±x** when it holds 0 and lies within ±x, x <= {TIE} points (the resolution the set was "
+            f"built for), else **not resolved**. MDD80: the minimal detectable difference at 80% power of a "
+            f"two-sided 5% test, (1.96 + 0.84) × SE = 2.8 SE, SE the bootstrap standard error (the 95% half-width "
+            f"is 1.96 SE). (E × S): the entities and seeds resampled.")
+    L += ["### Paired bootstrap over entities and seeds, 95% intervals of the difference (points of %), held-out", "",
+          "Each resample draws the held-out entities with replacement (all of an entity's drawings, or its image "
+          "and all its descriptions, together) and the seeds with replacement, the same seeds for both methods (a "
+          f"seed fixes the same pairs for both); {N_BOOT:,} resamples. The interval covers the sampling of test "
+          "entities and the training noise across seeds. It does not cover the noise of the selection (one seed, a "
+          "small validation split): where two methods were given different configs, part of a difference can come "
+          "from that. Each method is at its own config selected for the metric (zero-shot: on validation zero-shot "
+          "acc1; R@1: on validation R@1). " + rule, "",
           "| comparison | budget | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for x, y in COMPARE:
         if x not in methods or y not in methods:
             continue
         for b, _ in budgets:
-            cols = [interval(bootstrap(results, x, y, b, metric, text_image.get(tag_of(metric))))
-                    if metric.startswith("zs_") or text_image else "–" for metric in metrics]
+            cols = [interval(bootstrap(results, x, y, b, metric, index[metric])) for metric in metrics]
             if any(c != "–" for c in cols):
                 L.append(f"| {x} − {y} | {b} | " + " | ".join(cols) + " |")
     claim = [r for r in results.rows if r["stage"] == "claim"]
@@ -664,13 +897,20 @@ def report(a, results, budgets):
               "Both losses run at the same config (lr, steps, fixed tau, same heads and seeds): the zero-shot-"
               "selected config of the method in the `config of` column. K: the entity's first K images (with "
               "--depictions: its drawings by K artists). The set formulation helps if Δ > 0 at K, M > 1 and Δ ≈ 0 "
-              "at K = M = 1. Δ: paired bootstrap 95% interval over the held-out items, ±: its half-width (MDD).", "",
+              "at K = M = 1. Δ: the paired entity + seed bootstrap above, with its verdict on the claim flqmi > "
+              "multipos for the zero-shot metrics. The R@1 columns carry no verdict: this config was selected on "
+              "zero-shot, and a retrieval claim compares each method at its own R@1-selected config (the flqmi − "
+              "multipos row of the table above).", "",
               "| budget | config of | lr, steps, tau | K | M | " + " | ".join(
                   f"flqmi {m} | multipos {m} | Δ {m}" for m in metrics) + " |",
               "|---|---|---|---|---|" + "---|---|---|" * len(metrics)]
         groups = list(dict.fromkeys((r["budget"], shared(r["config"])) for r in claim))
+
+        def sources(b, matched):  # the methods whose zero-shot choice at budget b is the claim runs' config
+            return [m for m in ("multipos", "flqmi")
+                    if shared(choose(results, m, b, rounds=a.edge_rounds)["zeroshot"]) == matched]
         for b, matched in groups:
-            src = [m for m in ("multipos", "flqmi") if shared({**choose(results, m, b)["zeroshot"]}) == matched]
+            src = sources(b, matched)
             cfg = json.loads(matched)
             for K in Ks:
                 for M in (1, 5):
@@ -685,35 +925,60 @@ def report(a, results, budgets):
                            str(M)]
                     for metric in metrics:
                         row += [fmt(vals["flqmi"].get(metric, {})), fmt(vals["multipos"].get(metric, {}))]
-                        r = bootstrap(results, "flqmi", "multipos", b, metric, text_image.get(tag_of(metric)),
-                                      "claim", M, matched, K=(K, K))
-                        row.append(interval(r, seeds=False))
+                        r = bootstrap(results, "flqmi", "multipos", b, metric, index[metric], "claim", M,
+                                      matched, K=(K, K))
+                        row.append(interval(r, claim=None if metric.startswith("R@1") else 1))
                     L.append("| " + " | ".join(row) + " |")
         if len(Ks) > 1:  # several depictions against one, same loss: does it carry to an unseen artist?
             L += ["", f"### K = {Ks[-1]} − K = {Ks[0]} views, same loss and config (claim runs)", "",
                   "Does training on several images per entity beat one, on the training artists' held-out "
-                  "depictions and (`:tag`) on an artist never seen in training? Paired bootstrap as above.", "",
-                  "| budget | config of | loss | M | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+                  "depictions and (`:tag`) on an artist never seen in training? Paired entity + seed bootstrap and "
+                  f"verdict as above, on the claim K = {Ks[-1]} > K = {Ks[0]} (the config was selected on zero-shot).",
+                  "", "| budget | config of | loss | M | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
                   "|---|---|---|---|" + "---|" * len(metrics)]
             for b, matched in groups:
-                src = [m for m in ("multipos", "flqmi") if shared({**choose(results, m, b)["zeroshot"]}) == matched]
+                src = sources(b, matched)
                 for loss in ("flqmi", "multipos"):
                     for M in (1, 5):
                         row = [b, " = ".join(src), loss, str(M)]
                         for metric in metrics:
-                            r = bootstrap(results, loss, loss, b, metric, text_image.get(tag_of(metric)), "claim",
-                                          M, matched, K=(Ks[-1], Ks[0]))
+                            r = bootstrap(results, loss, loss, b, metric, index[metric], "claim", M,
+                                          matched, K=(Ks[-1], Ks[0]))
                             row.append(interval(r))
                         L.append("| " + " | ".join(row) + " |")
-    L += ["", "### Selected configs (validation, seed 0)", "", "| method | budget | for zero-shot | for R@1 |",
-          "|---|---|---|---|"]
+    L += ["", "### Selected configs (validation, seed 0) and the grid-edge rule", "",
+          "Each numeric setting with >= 2 values tried: its chosen value and, in braces, the values tried. The "
+          "grid-edge rule (sweep.py `select`) extends a choice on the smallest or largest value tried by one step "
+          "(x3 lr, lambda, reg; x2 steps; the next tau of " + ", ".join(map(str, TAUS)) + "), the others held, "
+          "until it is interior or at a hard bound (" + "; ".join(f"{k} {e.lo:g}..{e.hi:g}" for k, e in EDGE.items())
+          + f"; at most {a.edge_rounds} extensions per choice). Marks: **edge** = on an edge and not extended (the "
+          "runs predate the rule, or its rounds ran out), **bound** = at a hard bound; unmarked = interior. "
+          "Single-valued settings are listed without braces; csa's dim (0 = all components) is not an ordered "
+          "scale and is not extended.", "", "| method | budget | for zero-shot | for R@1 |", "|---|---|---|---|"]
+    n_choices, n_edge, n_bound = 0, 0, 0
     for m in methods:
         for b, _ in budgets:
             if any(r["stage"] == "select" and r["method"] == m and r["budget"] == b for r in results.rows):
-                ch = choose(results, m, b)
-                short = {s: ", ".join(f"{k} {v}" for k, v in ch[s].items() if k in METHODS[m].grid)
-                         for s in ("zeroshot", "retrieval")}
-                L.append(f"| {m} | {b} | {short['zeroshot']} | {short['retrieval']} |")
+                sel = selections(results, m, b, rounds=a.edge_rounds)
+                cols = []
+                for signal in ("zeroshot", "retrieval"):
+                    cfg, info = sel[signal]
+                    parts = []
+                    for k in METHODS[m].grid:
+                        if k not in cfg:
+                            continue
+                        if k in info:
+                            n_choices += 1
+                            n_edge += info[k]["mark"] == "edge"
+                            n_bound += info[k]["mark"] == "bound"
+                            mark = "" if info[k]["mark"] == "interior" else f" **{info[k]['mark']}**"
+                            parts.append(f"{k} {cfg[k]} {{{', '.join(map(str, info[k]['tried']))}}}{mark}")
+                        else:
+                            parts.append(f"{k} {cfg[k]}")
+                    cols.append("; ".join(parts))
+                L.append(f"| {m} | {b} | {cols[0]} | {cols[1]} |")
+    L += ["", f"{n_edge} of the {n_choices} choices of a setting with >= 2 values tried (method × budget × signal "
+          f"× setting) sit on an edge of the values tried without being extended; {n_bound} at a hard bound."]
     Path(f"{a.out}.md").write_text("\n".join(L) + "\n", encoding="utf-8")
 
     panels = HEADLINE + [(m, f"{dict(HEADLINE)[m.partition(':')[0]]}{tag_of(m)}") for m in metrics if ":" in m]
@@ -785,6 +1050,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=".cache")
     p.add_argument("--out", default="runs/sweep", help="prefix of <out>.jsonl, <out>.md, <out>.png")
     p.add_argument("--grid", default="", help='JSON replacing grid entries, e.g. \'{"flqmi": {"steps": [20]}}\'')
+    p.add_argument("--edge-rounds", type=int, default=EDGE_ROUNDS, help="at most this many grid extensions per "
+                   "choice under the grid-edge rule (0: off, the grid as given)")
     p.add_argument("--stop-after-runs", type=int, default=0, help="stop after this many new runs (tests resume)")
     p.add_argument("--report-only", action="store_true", help="only rewrite <out>.md / .png from <out>.jsonl")
     a = p.parse_args(argv)
