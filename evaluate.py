@@ -13,12 +13,17 @@ Tasks: the 14 of `clip14` (12 classification sets + Flickr30k 1k test + MSCOCO 5
 classification sets, the shipped example splits (`emoji`), `folder:<path>` and `csv:<path>` (a pairs file).
 Each dataset is read from --dataset-root/<name>/ (or --dataset-root with `{dataset}` in it). Every task runs inside
 one guard (run_task): whatever is wrong with its data (missing, half-extracted, a damaged file, a class or image count
-that differs from the split's) skips it with one line naming the path, the problem and the fix, never a 0 or a
-silent score; the run goes on, the JSON is rewritten after every task, and --strict makes a skip exit status 2.
+that differs from the split's; a listed file that is not a regular file; an empty caption, template file or class
+name) skips it with one line naming the path, the problem and the fix, never a 0, a hang or a silent score; an
+unexpected error (a bug) costs only its task too, with its type and message on the line. The run goes on, the JSON
+is rewritten after every task, and --strict makes a skip exit status 2. --output must end in .json; an earlier
+results file there is kept as a backup (removed again if this run reproduced it), anything else there is refused
+before any compute.
 From Python (section "use from Python"): aligner = evaluate.load_aligner("runs/sma/aligner.pt"), then
 aligner.encode_image(paths or PIL images) and aligner.encode_text(texts) give L2-normalised (n, d) embeddings.
-Writes: one JSON file (--output) {"model", "complete", "results": [{"dataset", "task", "model", "metrics" or
-"skipped"}], "mean"}, and
+Writes: one JSON file (--output) {"format": "evaluate/1", "model", "identity" (the aligner's sha256), "complete",
+"results": [{"dataset", "task", "model", "metrics" or "skipped"}], "mean", "earlier" (the backup of the file it
+replaced, or null)}, and
 prints a table and one summary line. Image and text features of the frozen encoders are computed once per
 (dataset, encoder spec) and cached under --cache-dir; heads are applied on the cache.
 Metrics: acc1, acc5, mean_per_class_recall; i2t_R@1/5/10, t2i_R@1/5/10; modality_gap, matched_cosine.
@@ -28,11 +33,15 @@ templates, read on first use).
 """
 import argparse
 import csv
+import errno
 import hashlib
+import io
 import json
+import logging
 import math
 import os
 import re
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,7 +57,7 @@ from tqdm import tqdm
 
 # The readers, encoders, heads and atomic writes evaluate.py shares with the training scripts (plumbing.py).
 from plumbing import (LEAK_TASKS, DataError, Encoder, arg, atomic_save, check_folder, head_from_state, load_encoder,
-                      parse_dataclass, read_cache, read_pairs, refuse_leak)
+                      parse_dataclass, read_cache, read_pairs, refuse_bad_entries, refuse_leak)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
@@ -92,15 +101,19 @@ class Args:
     image_key: str = arg("", "csv: tasks: image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "csv: tasks: caption column ('' = `title` or `caption`, whichever the header has)")
     sep: str = arg("", "csv: tasks: column separator ('' = sniffed from the header)")
-    skip_bad_rows: bool = arg(False, "csv: tasks: skip and count bad rows instead of skipping the task")
+    skip_bad_rows: bool = arg(False, "csv: tasks, Flickr30k and MSCOCO captions: skip and count bad rows (an empty "
+                                     "caption, a row without an image) instead of skipping the task")
     cache_dir: str = arg(".cache", "features are cached in <cache_dir>/eval/ (delete it to recompute)")
     batch_size: int = arg(256, "images (and texts) per encoder call", ge=1)
     workers: int = arg(min(8, os.cpu_count() or 1), "dataloader worker processes", ge=0)
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device: cpu | cuda | cuda:N")
-    output: str = arg("", "results JSON (default <aligner folder>/eval.json; with --model, "
-                          "results/eval_<model>_<pretrained>.json under the current folder)")
-    templates: str = arg("", "templates for folder: tasks: a text file (one template with {} per line) or a "
-                             "CLIP_benchmark key such as imagenet1k (its 80 templates)")
+    output: str = arg("", "results JSON, a name ending in .json (default <aligner folder>/eval.json; with --model, "
+                          "results/eval_<model>_<pretrained>.json under the current folder). It holds this run only: "
+                          "an earlier results file there is kept as a backup, <name>.<its date>.json (named in the "
+                          "JSON's `earlier`; removed again when this run's rows equal it), never merged (its rows "
+                          "came from other args, data or weights). A path holding anything else is refused")
+    templates: str = arg("", "templates for folder: tasks: a text file (one template with {} per line, the class "
+                             "name's slot) or a CLIP_benchmark key such as imagenet1k (its 80 templates)")
     strict: bool = arg(False, "exit with status 2 (after writing the JSON) if any task was skipped, for scripts that "
                               "must not go on with missing numbers")
     partial: bool = arg(False, "score a set whose image count differs from its split's known size (a subset, a "
@@ -129,6 +142,7 @@ class Data:
     labels: list = None  # (N,) class index per image, where the reader knows it without decoding (cache key, checks)
     n_found: int = 0  # classes the data itself defines (class folders, label files); 0 = it defines none
     partial: str = ""  # why the result is partial (check_counts with --partial); "" = the whole split
+    stats: list = None  # (N,) (size, mtime_ns) of each of `files`, from check_files (cache key)
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -165,6 +179,11 @@ def one_line(e) -> str:
     return " ".join(text.split())
 
 
+def brief(e) -> str:
+    """An error's first sentence, on one line, at most 300 characters: a library's advice after it is not ours."""
+    return one_line(e)[:300].split(". ")[0]
+
+
 def listed_items(ds, root) -> tuple:
     """(files, labels) of a torchvision dataset from the lists it keeps, without decoding an image: ImageFolder's
     `samples`, the file-based sets' image paths and `_labels`. A binary set (CIFAR, STL-10, MNIST, PCam) keeps no
@@ -183,10 +202,117 @@ def listed_items(ds, root) -> tuple:
     return [str(f) for f in files], labels
 
 
-def check_files(paths, what):
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} images missing, e.g. {missing[0]}")
+def not_regular(path) -> str:
+    """"" if `path` is a regular file (or a symlink to one), else what it is instead. A FIFO or a device named .jpg
+    would block the first read forever; a dangling symlink fails in os.stat."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"a dangling symlink ({e.strerror})" if os.path.islink(path) else f"missing ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    kind = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device",
+            stat.S_IFBLK: "a device"}.get(stat.S_IFMT(mode), "not a regular file")
+    return f"{kind}, not a regular file"
+
+
+def special_file(folder):
+    """The first FIFO, socket or device below `folder` (a symlink to one too), or None: a reader that opens one (an
+    image, a split or label file, torchvision's md5 check) blocks forever. Names and types only (scandir's d_type;
+    a stat for symlinks alone). Symlinked folders are not entered: the files listed from them get check_files."""
+    folders = [folder]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    folders.append(e.path)
+                elif not e.is_file() and (not e.is_symlink() or os.path.exists(e.path)):  # dangling: check_files
+                    return e.path
+    return None
+
+
+def check_files(paths, fix) -> list:
+    """One stat per listed file, before any is read: DataError naming the first that is not a regular file (missing,
+    a dangling symlink, a FIFO, a folder) and how many are not. -> [(size, mtime_ns)] per file, for the cache key."""
+    stats, bad = [], []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            if stat.S_ISREG(st.st_mode):
+                continue
+        except OSError:
+            pass
+        bad.append(p)
+    if bad:
+        raise DataError(f"{len(bad)} of {len(paths)} listed images cannot be read, e.g. {bad[0]}: {not_regular(bad[0])}"
+                        f"; {fix}")
+    return stats
+
+
+def read_text(path) -> str:
+    """A small text file the readers parse, checked to be a regular file first (a FIFO would block read_text)."""
+    if problem := not_regular(path):
+        raise DataError(f"{path}: {problem}, where a text file belongs; put the file itself there")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def skipped_rows(path, bad):
+    """--skip-bad-rows: the one line that says what was dropped."""
+    if bad:
+        print(f"{path}: skipped {len(bad)} bad rows (--skip-bad-rows): {'; '.join(bad[:5])}")
+
+
+def check_class_folders(folder: Path, expected: list, fix: str):
+    """The class folders of `folder` (ImageFolder's classes: its sorted sub-folders, hidden ones too) against the
+    names the labels must follow, in order: a folder missing or a stray one would shift every later label."""
+    found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if found == expected:
+        return
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    fixes = ", and ".join(([f"remove {', '.join(str(folder / e) for e in extra[:3])} (not a class folder"
+                            + ("; a hidden folder, e.g. Jupyter's" if all(e.startswith(".") for e in extra) else "")
+                            + ")"] if extra else []) + ([fix] if missing else []))
+    raise DataError(f"{folder}: {len(found)} class folders for the {len(expected)} expected (missing "
+                    f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'}); labels would shift. "
+                    + fixes[0].upper() + fixes[1:])
+
+
+def check_not_hidden(files, root):
+    """ImageFolder lists every image file below a class folder, hidden ones too: macOS's ._x.jpg (not an image) and
+    Jupyter's .ipynb_checkpoints/ copies (one image counted twice). Refused, naming the first."""
+    for f in files:
+        if os.sep + "." in f[len(str(root)):]:
+            raise DataError(f"{f}: a hidden file, or in a hidden folder (macOS's ._ files, Jupyter's "
+                            ".ipynb_checkpoints), not part of the set; remove it")
+
+
+def read_templates(path, fix) -> list:
+    """Prompt templates, one per line, each with the class name's slot {} (or CLIP_benchmark's {c}). DataError on an
+    empty file, or a line without the slot (every class would get the same prompt), naming the file and line."""
+    out = []
+    for row, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip() and "{}" not in line and "{c}" not in line:
+            raise DataError(f"{path}, line {row}: template {line.strip()!r} has no {{}} for the class name, so every "
+                            "class would get the same prompt; write it as e.g. 'a photo of a {}.'")
+        out += [line.strip()] if line.strip() else []
+    if not out:
+        raise DataError(f"{path}: no templates (an empty file); write one template with {{}} per line, e.g. "
+                        f"'a photo of a {{}}.', {fix}")
+    return out
+
+
+def check_names(names, sources, where):
+    """Class names a user wrote (folder names, classnames.txt, classes.csv): non-empty and distinct. Two classes
+    with one name get one class vector, and the tie rule gives every image of both to the first."""
+    seen = {}
+    for i, n in enumerate(names):
+        if not n.strip():
+            raise DataError(f"{where}: {sources[i]} has an empty class name; name it")
+        if n in seen:
+            raise DataError(f"{where}: {sources[seen[n]]} and {sources[i]} are both named {n!r}, so the second could "
+                            "never be predicted; rename one")
+        seen[n] = i
 
 
 def torchvision_set(name, download=True, cb_names=False, fix=None, **kwargs):
@@ -205,16 +331,20 @@ def torchvision_set(name, download=True, cb_names=False, fix=None, **kwargs):
 def read_imagenet(root, args, task):
     import torchvision.datasets as tvd
     # parses the devkit once into meta.bin (no download exists); allow_empty: an empty class folder stays a class
-    ds = tvd.ImageNet(str(root), split="val", allow_empty=True)
+    failed = None
+    try:
+        ds = tvd.ImageNet(str(root), split="val", allow_empty=True)
+    except Exception as e:  # a stray folder in val/ (.ipynb_checkpoints) is a KeyError in torchvision: named below
+        failed = e
     # torchvision's labels are positions among the class folders found in val/: one folder missing would shift
     # every later label. The devkit's wnids, sorted, are the 1,000 positions OpenAI's class names follow.
-    wnids = sorted(tvd.imagenet.load_meta_file(str(root))[0])
-    if ds.wnids != wnids:
-        missing, extra = sorted(set(wnids) - set(ds.wnids)), sorted(set(ds.wnids) - set(wnids))
-        raise DataError(f"{root / 'val'}: {len(ds.wnids)} class folders for the devkit's {len(wnids)} (missing "
-                        f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'}); labels would shift. Delete "
-                        "val/ and keep ILSVRC2012_img_val.tar beside the devkit: torchvision sorts it again")
+    if (root / "meta.bin").is_file() and (root / "val").is_dir():
+        check_class_folders(root / "val", sorted(tvd.imagenet.load_meta_file(str(root))[0]),
+                            "delete val/ and keep ILSVRC2012_img_val.tar beside the devkit: torchvision sorts it again")
+    if failed:
+        raise failed
     files, labels = listed_items(ds, root)
+    check_not_hidden(files, root)
     return Data(ds, files, cb_classnames()["imagenet1k"], cb_templates()["imagenet1k"], labels=labels,
                 n_found=len(ds.wnids))
 
@@ -225,23 +355,44 @@ def read_caltech101(root, args, task):
     import torchvision.datasets as tvd
     if args.download:
         tvd.Caltech101(str(root), download=True)
-    # allow_empty: an empty class folder stays a class, so that the image count (not a shifted label) says so
-    ds = tvd.ImageFolder(str(root / "caltech101" / "101_ObjectCategories"), is_valid_file=lambda p: p.endswith(".jpg"),
-                         allow_empty=True)
+    # allow_empty: an empty class folder stays a class, so that the image count (not a shifted label) says so.
+    # Labels are positions among the folders found: they must be the 102 CLIP_benchmark's names follow, in order.
+    folder = root / "caltech101" / "101_ObjectCategories"
+    if folder.is_dir():
+        check_class_folders(folder, CALTECH101_FOLDERS, "put back the missing folders (extract "
+                            "101_ObjectCategories.tar.gz again, or delete caltech101/ and pass --download)")
+    ds = tvd.ImageFolder(str(folder), is_valid_file=lambda p: p.endswith(".jpg"), allow_empty=True)
     files, labels = listed_items(ds, root)
+    check_not_hidden(files, root)
     return Data(ds, files, cb_classnames()["caltech101"], cb_templates()["caltech101"], labels=labels,
                 n_found=len(ds.classes))
 
 
+# The 102 folders of caltech101/101_ObjectCategories in ImageFolder's (sorted) order: CLIP_benchmark's names follow it.
+CALTECH101_FOLDERS = ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "Motorbikes", *"""
+    accordion airplanes anchor ant barrel bass beaver binocular bonsai brain brontosaurus buddha butterfly camera
+    cannon car_side ceiling_fan cellphone chair chandelier cougar_body cougar_face crab crayfish crocodile
+    crocodile_head cup dalmatian dollar_bill dolphin dragonfly electric_guitar elephant emu euphonium ewer ferry
+    flamingo flamingo_head garfield gerenuk gramophone grand_piano hawksbill headphone hedgehog helicopter ibis
+    inline_skate joshua_tree kangaroo ketch lamp laptop llama lobster lotus mandolin mayfly menorah metronome
+    minaret nautilus octopus okapi pagoda panda pigeon pizza platypus pyramid revolver rhino rooster saxophone
+    schooner scissors scorpion sea_horse snoopy soccer_ball stapler starfish stegosaurus stop_sign strawberry
+    sunflower tick trilobite umbrella watch water_lilly wheelchair wild_cat windsor_chair wrench yin_yang""".split()]
+
+
 def read_flickr30k(root, args, task):
     # Karpathy test split as CLIP_benchmark ships it: header line, then `<image>.jpg,<caption>` (captions hold commas)
-    captions = {}
-    for line in (root / "flickr30k_test_karpathy.txt").read_text(encoding="utf-8").splitlines()[1:]:
+    path, captions, bad = root / "flickr30k_test_karpathy.txt", {}, []
+    for row, line in enumerate(read_text(path).splitlines()[1:], start=2):
         image, sep, caption = line.strip().partition(".jpg,")
-        if sep:
+        if line.strip() and not (sep and caption.strip()):  # an empty caption would be scored as a caption
+            bad.append(f"row {row}: " + ("empty caption" if sep else "not `<image>.jpg,<caption>`"))
+        elif sep:
             captions.setdefault(image + ".jpg", []).append(caption)
+    refuse_bad_entries(bad, args.skip_bad_rows, f"{path}, ", "Fix the row (or download the file again)", "bad rows",
+                       more="more bad rows")
+    skipped_rows(path, bad)
     paths = [str(root / image) for image in captions]
-    check_files(paths, "Flickr30k")
     return Data(paths, paths, captions=list(captions.values()))
 
 
@@ -249,22 +400,33 @@ def read_mscoco(root, args, task):
     # Karpathy 5k test in COCO annotation format; images in order of id (as torchvision's CocoCaptions), and all
     # captions kept (some images have 6-7), as CLIP_benchmark. deviation: parsed with json, no pycocotools needed.
     path = root / "coco_test_karpathy.json"
-    ann = json.loads(path.read_text(encoding="utf-8"))
+    ann = json.loads(read_text(path))
     if isinstance(ann, dict) and "annotations" not in ann and ann.get("dataset") == "coco":
         raise DataError(f"{path}: this is Karpathy's dataset_coco.json (all splits, 5 captions per image, its own "
                         "format), not CLIP_benchmark's Karpathy test file (COCO format, 25,010 captions); download "
                         "coco_test_karpathy.json from github.com/mehdidc/retrieval_annotations/releases/tag/1.0.0")
     files = {im["id"]: im["file_name"] for im in ann["images"]}
-    captions = {i: [] for i in sorted(files)}
-    for a in ann["annotations"]:
-        captions[a["image_id"]].append(a["caption"])
+    captions, bad = {i: [] for i in sorted(files)}, []
+    for k, a in enumerate(ann["annotations"]):
+        c = a.get("caption") if isinstance(a, dict) else None
+        where = f"annotation {k}" + (f" (id {a['id']})" if isinstance(a, dict) and "id" in a else "")
+        if not isinstance(a, dict) or a.get("image_id") not in captions:
+            bad.append(f"{where}: image_id {a.get('image_id') if isinstance(a, dict) else None!r} is not in `images`")
+        elif not isinstance(c, str) or not c.strip():  # null, a number, "": never a caption to score
+            bad.append(f"{where}: caption {c!r}, not a non-empty string")
+        else:
+            captions[a["image_id"]].append(c)
+    refuse_bad_entries(bad, args.skip_bad_rows, f"{path}, ", "Fix it (or download the file again)", "bad rows",
+                       more="more bad rows")
+    skipped_rows(path, bad)
+    if args.skip_bad_rows:  # an image whose every caption was dropped would be scored as a miss: dropped too
+        captions = {i: c for i, c in captions.items() if c}
     paths = [str(root / "val2014" / files[i]) for i in captions]
-    check_files(paths, "MSCOCO")
     return Data(paths, paths, captions=list(captions.values()))
 
 
 def read_lines(path):
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def read_folder(root, args, task):
@@ -273,29 +435,35 @@ def read_folder(root, args, task):
     import torchvision.datasets as tvd
     if not root.is_dir():
         raise FileNotFoundError(f"folder not found: {root}")
+    hidden = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name.startswith("."))
+    if hidden:  # ImageFolder would make .ipynb_checkpoints a class, with copies of images in it
+        raise DataError(f"{root / hidden[0]}: a hidden folder, not a class; remove it (or move the images out of it)")
     ds = tvd.ImageFolder(str(root), allow_empty=True)  # a class folder with no images stays a class
-    names = [c.replace("_", " ") for c in ds.classes]
-    if (root / "classnames.txt").is_file():
+    names, sources = [c.replace("_", " ") for c in ds.classes], [f"class folder {c!r}" for c in ds.classes]
+    if (root / "classnames.txt").exists():
         names = read_lines(root / "classnames.txt")
+        sources = [f"classnames.txt line {i + 1} ({c!r})" for i, c in enumerate(ds.classes)]
         if len(names) != len(ds.classes):
             raise DataError(f"{root / 'classnames.txt'}: {len(names)} names for {len(ds.classes)} class folders")
+    check_names(names, sources, root)
     templates = DEFAULT_TEMPLATES
     if args.templates:
         if args.templates not in cb_templates() and not os.path.isfile(args.templates):
             raise DataError(f"--templates {args.templates}: neither a file nor a CLIP_benchmark key "
                             f"({', '.join(cb_templates())})")
-        templates = cb_templates()[args.templates] if args.templates in cb_templates() else read_lines(args.templates)
-    elif (root / "templates.txt").is_file():
-        templates = read_lines(root / "templates.txt")
+        templates = (cb_templates()[args.templates] if args.templates in cb_templates() else
+                     read_templates(args.templates, "or pass --templates imagenet1k"))
+    elif (root / "templates.txt").exists():
+        templates = read_templates(root / "templates.txt", f"or delete it to use {DEFAULT_TEMPLATES[0]!r}")
     files, labels = listed_items(ds, root)
+    check_not_hidden(files, root)
     return Data(ds, files, names, templates, labels=labels, n_found=len(ds.classes))
 
 
 def read_csv(root, args, task):
     """A retrieval set in the pairs format (read_pairs: rows sharing an image form one entity)."""
     pairs = read_pairs(root, args.image_key or None, args.caption_key or None, args.sep or None, args.skip_bad_rows)
-    if pairs.skipped:
-        print(f"{root}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
+    skipped_rows(root, pairs.skipped)
     return Data(pairs.images, pairs.images, captions=pairs.captions)
 
 
@@ -318,20 +486,18 @@ def read_classes_csv(root, args, task):
     (`class,name`: every class key and the name its prompts use, in label order) and templates.txt beside it. The
     shipped emoji tasks use it: one image may be drawn by several artists, and no image is copied into folders."""
     folder = root.parent
-    with open(folder / "classes.csv", encoding="utf-8", newline="") as f:
-        classes = [(r["class"], r["name"]) for r in csv.DictReader(f)]
+    classes = [(r["class"], r["name"]) for r in csv.DictReader(io.StringIO(read_text(folder / "classes.csv")))]
+    check_names([n or "" for _, n in classes], [f"class {c!r}" for c, _ in classes], folder / "classes.csv")
     index = {c: i for i, (c, _) in enumerate(classes)}
     paths, labels = [], []
-    with open(root, encoding="utf-8", newline="") as f:
-        for row, r in enumerate(csv.DictReader(f), start=2):
-            if r.get("class") not in index:
-                raise DataError(f"{root}: row {row}: class {r.get('class')!r} is not in {folder / 'classes.csv'}; "
-                                "add it there or fix the row")
-            paths.append(str(folder / r["image"]))
-            labels.append(index[r["class"]])
-    check_files(paths, str(root))
+    for row, r in enumerate(csv.DictReader(io.StringIO(read_text(root))), start=2):
+        if r.get("class") not in index:
+            raise DataError(f"{root}: row {row}: class {r.get('class')!r} is not in {folder / 'classes.csv'}; "
+                            "add it there or fix the row")
+        paths.append(str(folder / r["image"]))
+        labels.append(index[r["class"]])
     ds = Labelled(paths, labels, [c for c, _ in classes])
-    return Data(ds, paths, [n for _, n in classes], read_lines(folder / "templates.txt"))
+    return Data(ds, paths, [n for _, n in classes], read_templates(folder / "templates.txt", "or make the set again"))
 
 
 # ---------------------------------------------------------------------------- task table
@@ -466,7 +632,9 @@ def open_task(name, task, args) -> Data:
     """The task's data, read and checked (check_counts). Every problem with it is a DataError that names the path,
     what is wrong and the fix: missing, a file where a folder belongs, or any exception the reader raises (torchvision
     raises RuntimeError, ValueError, OSError, KeyError, ...; a failed --download too, whose empty folders are
-    removed). Image files are decoded later, in Transformed, which turns their errors into DataError as well."""
+    removed). A FIFO, socket or device in the task's folder is refused before the reader runs (it would block).
+    Then check_data, the one boundary every task's data passes before it is used. Image files are decoded later, in
+    Transformed, which turns their errors into DataError as well."""
     root = task_root(name, task, args)
     download = args.download and task.download
     fix = f"put {task.layout} in {root}" + (", or pass --download" if task.download and not args.download else "")
@@ -478,6 +646,8 @@ def open_task(name, task, args) -> Data:
         raise DataError(f"{root} is a file, not a folder; {fix}")
     new = [p for p in (root.absolute(), *root.absolute().parents) if not p.exists()]  # what a download creates
     try:
+        if root.is_dir() and (odd := special_file(root)):  # before any reader opens a file
+            raise DataError(f"{odd}: {not_regular(odd)}, inside the set: reading it would block; remove it")
         data = task.read(root, args, name)
     except DataError:
         raise
@@ -485,9 +655,41 @@ def open_task(name, task, args) -> Data:
         for folder in new:  # --download without a network leaves empty folders: remove those, never a file
             remove_empty_folders(folder)
         what = "the download failed" if download else "cannot read it"
+        if (hidden := hidden_folder(root)) and hidden.name in str(e):  # SUN397 reads .ipynb_checkpoints/: a KeyError
+            fix = f"remove {hidden} (a hidden folder, e.g. Jupyter's, not part of the set)"
         raise DataError(f"{root}: {what} ({type(e).__name__}: {one_line(e)}); {fix}") from None
+    check_data(task, data, root, fix)
     data.partial = check_counts(name, task, data, root, args.partial)
     return data
+
+
+def check_data(task, data: Data, root, fix):
+    """What every reader's output must be before it is used: images to score (also with --partial), each listed
+    file a regular file (check_files: one stat each, kept for the cache key), templates with their slot, and for
+    retrieval a non-empty caption list of non-empty strings per image. Each failure is a DataError naming the
+    task's path, the item and the fix."""
+    if not len(data.images):
+        raise DataError(f"{root}: no images found (every class folder or list is empty); {fix}")
+    data.stats = check_files(data.files, "replace it, or remove it from the set's folders or lists")
+    if task.kind == CLS:
+        bad = [t for t in data.templates if not isinstance(t, str) or ("{}" not in t and "{c}" not in t)]
+        if not data.templates or bad:
+            raise DataError(f"{root}: template {bad[0]!r} has no {{}} slot for the class name" if bad else
+                            f"{root}: no templates; write one template with {{}} per line in templates.txt")
+    else:
+        for i, caps in enumerate(data.captions):
+            if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+                raise DataError(f"{root}: image {data.files[i]} has " + (
+                    f"an empty caption ({caps!r})" if caps else "no caption") + "; fix its rows")
+
+
+def hidden_folder(root: Path):
+    """The first hidden folder below `root`, or None. Looked for only after a reader failed (a walk of the set), and
+    named only when the reader's error names it."""
+    for sub, dirs, _ in os.walk(root):
+        if hidden := next((d for d in sorted(dirs) if d.startswith(".")), None):
+            return Path(sub) / hidden
+    return None
 
 
 def remove_empty_folders(folder: Path):
@@ -540,16 +742,18 @@ def read_task(name, task, args):
         return None, f"{name}: {one_line(e)}"
 
 
-def check_training_images(spec, dataset_root, images):
+def check_training_images(spec, dataset_root, images, texts=()):
     """Before a training run with --eval `spec`: DataError on an unknown task, or when the training `images` hold
-    images of a requested evaluation split (plumbing.refuse_leak; a partial copy of a split leaks too). A split that
-    is not there is not checked: evaluate.py will skip it."""
+    images of a requested evaluation split, or the training `texts` (sotalign's --unpaired-texts) its captions
+    (plumbing.refuse_leak; a partial copy of a split leaks too). A split that is not there is not checked:
+    evaluate.py will skip it."""
     tasks = resolve_tasks(spec)
     where = Args(dataset_root=dataset_root, partial=True)
     for name in LEAK_TASKS.keys() & tasks.keys():
         data, _ = read_task(name, tasks[name], where)
         if data is not None:
-            refuse_leak(images, name, data.files, task_root(name, tasks[name], where) / LEAK_TASKS[name])
+            refuse_leak(images, name, data.files, task_root(name, tasks[name], where) / LEAK_TASKS[name], texts,
+                        [c for caps in data.captions or () for c in caps])
 
 
 # ---------------------------------------------------------------------------- embedding and caching
@@ -563,10 +767,30 @@ class Model:
     device: str
     info: dict = field(default_factory=dict)  # the aligner checkpoint less its heads (method, args, metrics), "dim"
     encoders: dict = field(default_factory=dict)
+    identity: str = ""  # what the results are of (in the JSON): the aligner file's sha256, or the open_clip spec
+    failed: dict = field(default_factory=dict)  # {spec: why it cannot be loaded}: later tasks skip without retrying
 
     def encoder(self, modality) -> Encoder:
-        if modality not in self.encoders:
-            self.encoders[modality] = load_encoder(self.specs[modality], modality, self.device)
+        """The frozen encoder, loaded on first use. One that cannot be loaded (weights neither here nor downloadable,
+        an unknown model) is a DataError: the task that needs it skips with one line, as for a missing dataset."""
+        spec = self.specs[modality]
+        if modality not in self.encoders and spec not in self.failed:
+            logging.disable(logging.ERROR)  # open_clip logs a failed download before raising it: said once, below
+            try:
+                self.encoders[modality] = load_encoder(spec, modality, self.device)
+            except Exception as e:  # open_clip, timm and the hub raise many types, chained: one line here
+                cause = e.__cause__ or e
+                self.failed[spec] = (one_line(e) if isinstance(e, DataError) else
+                                     f"cannot load the {modality} encoder {spec!r} ({type(cause).__name__}: "
+                                     f"{brief(cause)}); " + (
+                                         "its weights are not on this machine and cannot be downloaded from here: "
+                                         "run once where the Hugging Face hub is reachable (they are cached), or pass "
+                                         "--pretrained a checkpoint file" if spec.startswith("openclip:") else
+                                         "check the encoder spec and that its weights can be read or downloaded"))
+            finally:
+                logging.disable(logging.NOTSET)
+        if spec in self.failed:
+            raise DataError(self.failed[spec])
         return self.encoders[modality]
 
 
@@ -575,40 +799,86 @@ def load_model(args) -> Model:
         pretrained = "" if args.pretrained.lower() == "none" else args.pretrained  # "" = random weights
         spec = f"openclip:{args.model}:{pretrained}"
         return Model(f"{args.model}/{args.pretrained}", {"image": spec, "text": spec},
-                     {"image": nn.Identity(), "text": nn.Identity()}, args.device, {"method": "open_clip"})
+                     {"image": nn.Identity(), "text": nn.Identity()}, args.device, {"method": "open_clip"},
+                     identity=spec)
     try:
-        ckpt = torch.load(args.aligner, map_location="cpu", weights_only=True)
+        if problem := not_regular(args.aligner):
+            raise OSError(problem)
+        raw = Path(args.aligner).read_bytes()
+        ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # missing, cut short, or not a torch file
-        raise DataError(f"--aligner {args.aligner}: cannot read it ({type(e).__name__}); pass the aligner.pt that "
-                        "sma.py / sotalign.py export") from None
+        raise DataError(f"--aligner {args.aligner}: cannot read it ({type(e).__name__}: {brief(e)}); pass the "
+                        "aligner.pt that sma.py / sotalign.py export") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "aligner/1":
         raise DataError(f"--aligner {args.aligner}: not an aligner checkpoint (format aligner/1); pass the aligner.pt "
                         "that sma.py / sotalign.py export, not checkpoint.pt")
-    heads = {m: head_from_state(ckpt[f"{m}_head"]).to(args.device) for m in ("image", "text")}
-    info = {k: v for k, v in ckpt.items() if not k.endswith("_head")} | {"dim": ckpt["image_head"]["out_dim"]}
-    return Model(f"{ckpt.get('method', 'aligner')}:{args.aligner}",
-                 {m: ckpt[f"{m}_encoder"] for m in ("image", "text")}, heads, args.device, info)
+    try:
+        heads = {m: head_from_state(ckpt[f"{m}_head"]).to(args.device) for m in ("image", "text")}
+        info = {k: v for k, v in ckpt.items() if not k.endswith("_head")} | {"dim": ckpt["image_head"]["out_dim"]}
+        specs = {m: str(ckpt[f"{m}_encoder"]) for m in ("image", "text")}
+    except Exception as e:  # a damaged or hand-edited export
+        raise DataError(f"--aligner {args.aligner}: an incomplete aligner checkpoint ({type(e).__name__}: "
+                        f"{brief(e)}); export it again with sma.py / sotalign.py") from None
+    return Model(f"{ckpt.get('method', 'aligner')}:{args.aligner}", specs, heads, args.device, info,
+                 identity="sha256:" + hashlib.sha256(raw).hexdigest()[:16])
 
 
 def slug(text):
     return re.sub(r"[^\w.-]+", "_", text)[-60:]
 
 
-def fingerprint(parts, files=()) -> str:
-    """Cache key: the JSON of `parts`, plus path, size and mtime of every file (a regenerated image misses)."""
+def fingerprint(parts, files=(), stats=None) -> str:
+    """Cache key: the JSON of `parts`, plus path, size, mtime and ctime of every file (a regenerated image misses, and
+    so does a same-size replacement that kept its mtime: the ctime, as plumbing.file_identity). stats: (size,
+    mtime_ns, ctime_ns) per file where the caller has them (check_files), else each file is stat'ed here."""
     h = hashlib.sha1(json.dumps(parts).encode())
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for f, st in zip(files, stats or map(file_stat, files)):
+        h.update(f"{f}|{st[0]}|{st[1]}|{st[2]}".encode())
     return h.hexdigest()[:16]
 
 
+def file_stat(path) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError as e:  # a dangling symlink, a file removed since it was listed
+        raise DataError(f"{path}: cannot stat it ({e.strerror}); replace it, or remove it from the set") from None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def write_failure(e):
+    """The OSError behind a failed atomic_save, or None: plumbing turns a full disk into a DataError whose fix names
+    the training scripts' flags (--out, --resume), which evaluate.py does not have; its own words are used instead."""
+    cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+    return cause if isinstance(cause, OSError) else None
+
+
+def save(obj, path, kept):
+    """atomic_save; a failed write is a DataError in evaluate.py's words. kept: what is still there after it."""
+    try:
+        atomic_save(obj, path, kept)
+    except (DataError, OSError) as e:
+        if (cause := write_failure(e)) is None:
+            raise
+        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise DataError(f"{path}: cannot write it ({cause.strerror or type(cause).__name__}); kept: {kept}. "
+                        + ("Free space (or raise the quota) there, or point" if full else "Point")
+                        + " --output / --cache-dir at a writable folder, then rerun the same command (features "
+                        "already computed are cached, and not computed again)") from None
+
+
 def cached(path: Path, compute):
-    """compute(), saved at `path`; read back from there by later runs (recomputed, with a warning, if unreadable)."""
+    """compute(), saved at `path`; read back from there by later runs (recomputed, with a warning, if unreadable).
+    A cache that cannot be written (a full disk, a folder in the way) is a warning: the numbers do not need it."""
     if (value := read_cache(path)) is not None:
         return value
     value = compute()
-    atomic_save(value, path)
+    try:
+        atomic_save(value, path)
+    except (DataError, OSError) as e:
+        if (cause := write_failure(e)) is None:
+            raise
+        print(f"warning: {path}: features not cached ({cause.strerror or type(cause).__name__}); this run goes on "
+              "without, the next computes them again", file=sys.stderr)
     return value
 
 
@@ -800,7 +1070,7 @@ def image_features(model: Model, name, task, data: Data, args) -> dict:
     root = str(task_root(name, task, args).resolve())
     # "v3": v2 (large JPEGs decoded at reduced size, Image.draft in rgb_first) + labels and every set's files
     key = fingerprint(["v3", name, root, task.split, len(data.images), model.specs["image"], data.labels],
-                      data.files)
+                      data.files, data.stats)
     return cached(Path(args.cache_dir) / "eval" / f"{slug(name)}-image-{key}.pt",
                   lambda: encode_images(model.encoder("image"), data.images, args, f"{name} images", data.files))
 
@@ -865,20 +1135,68 @@ def print_table(results):
 
 
 def run_task(model: Model, name, task, args) -> dict:
-    """One task inside the guard every task runs in: its JSON row, with "metrics", or "skipped" and the one-line
-    reason when anything is wrong with its data (open_task and Transformed raise all of that as DataError). The
-    caller goes on with the next task either way. Any other exception is a bug in this file: its traceback."""
-    row = {"dataset": name, "task": task.kind, "model": model.name, "language": "en"}
+    """One task inside the guard every task runs in, whole: listing, stat, decoding, encoding (and loading the
+    encoder), scoring, and a row the JSON can hold. -> its JSON row, with "metrics", or "skipped" and one line: the
+    reason when anything is wrong with its data (DataError, from open_task, Transformed, Model.encoder), or the type
+    and message of an unexpected error (a bug: it costs this task, never another or the JSON). The caller goes on
+    with the next task either way; KeyboardInterrupt is not caught."""
+    base = {"dataset": name, "task": task.kind, "model": model.name, "language": "en"}
     t0 = time.perf_counter()
     try:
-        row.update(evaluate_task(model, name, task, open_task(name, task, args), args))
-    except DataError as e:
-        row["skipped"] = f"{name}: {one_line(e)}"
-        print(f"[evaluate] skipped {row['skipped']}", file=sys.stderr, flush=True)
+        row = {**base, **evaluate_task(model, name, task, open_task(name, task, args), args)}
+        row["metrics"] = no_nan(row["metrics"])
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        json.dumps(row, allow_nan=False)  # the row is JSON: writing the results cannot fail on it
         return row
-    row["metrics"] = no_nan(row["metrics"])
-    row["seconds"] = round(time.perf_counter() - t0, 2)
-    return row
+    except DataError as e:
+        reason = f"{name}: {one_line(e)}"
+    except Exception as e:  # a bug (here or in a library): this task only, visible, with its type and message
+        reason = (f"{name}: unexpected {type(e).__name__}: {one_line(e)[:500]} (a bug, not your data: please report "
+                  "this line)")
+    print(f"[evaluate] skipped {reason}", file=sys.stderr, flush=True)
+    return {**base, "skipped": reason}
+
+
+def output_path(args) -> Path:
+    return Path(args.output or (Path(args.aligner).parent / "eval.json" if args.aligner else
+                                Path("results") / f"eval_{slug(f'{args.model}/{args.pretrained}')}.json"))
+
+
+def earlier_results(output: Path):
+    """Before any compute: what --output holds. None (nothing there), or the earlier results file's JSON. DataError
+    when the name does not end in .json (aligner.pt, a cache file, x.txt), or the path holds anything else: a folder,
+    a FIFO, a file that is not evaluate.py's results (any other JSON, text, a torch file, an empty file)."""
+    if output.suffix != ".json":
+        raise DataError(f"--output {output}: not a .json name; evaluate.py writes its results as JSON (e.g. --output "
+                        f"{output.with_suffix('.json')})")
+    if not os.path.lexists(output):
+        return None
+    if problem := not_regular(output):
+        raise DataError(f"--output {output}: {problem}; pass a new file name ending in .json")
+    try:
+        old = json.loads(output.read_bytes())
+    except ValueError:  # not JSON, not UTF-8 (a torch file, text, an empty file)
+        old = None
+    if not (isinstance(old, dict) and {"model", "results", "mean"} <= old.keys() and isinstance(old["results"], list)
+            and all(isinstance(r, dict) and {"dataset", "task"} <= r.keys() for r in old["results"])):
+        raise DataError(f"--output {output}: holds something other than evaluate.py's results, left as it is; pass "
+                        "another file name ending in .json")
+    return old
+
+
+def back_up(output: Path) -> Path:
+    """Move an earlier results file aside, to <name>.<its date>.json (a rename: atomic, nothing copied)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(output.stat().st_mtime))
+    backup = next(b for k in range(1000) if not (b := output.with_name(
+        f"{output.stem}.{stamp}{f'-{k}' if k else ''}.json")).exists())
+    os.replace(output, backup)
+    return backup
+
+
+def same_rows(a, b) -> bool:
+    """Two results lists hold the same rows, timings aside: a rerun that reproduced the earlier file."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in a] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in b]
 
 
 def report(model: Model, args, results, complete) -> dict:
@@ -888,7 +1206,8 @@ def report(model: Model, args, results, complete) -> dict:
     mean = {"main_metric": "acc1 (classification), mean of i2t_R@1 and t2i_R@1 (retrieval)",
             "tasks": len(scores), "mean": sum(scores.values()) / len(scores) if scores else None,
             "clip14": sum(scores[n] for n in CLIP14) / 14 if set(CLIP14) <= set(scores) else None}
-    return {"model": model.name, "image_encoder": model.specs["image"], "text_encoder": model.specs["text"],
+    return {"format": "evaluate/1", "model": model.name, "identity": model.identity,
+            "image_encoder": model.specs["image"], "text_encoder": model.specs["text"],
             "device": args.device, "torch": torch.__version__, "args": asdict(args), "complete": complete,
             "results": results, "mean": mean}
 
@@ -896,21 +1215,38 @@ def report(model: Model, args, results, complete) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_folder(args.cache_dir, "--cache-dir")  # before any work: where the features and the results go
-    if args.output:
-        check_folder(Path(args.output).parent, "--output")
+    output = output_path(args)
+    check_folder(output.parent, "--output")
+    old = earlier_results(output)  # refused now, before any compute, unless it is evaluate.py's own
     tasks = resolve_tasks(args.tasks)
     if not tasks:
         raise DataError(f"--tasks {args.tasks!r} names no task; e.g. --tasks clip14 or --tasks emoji")
     # TF32 stays off on purpose: the frozen encoders already run under bf16 autocast (shared block), and the
     # cosine scores that decide ranks are kept in full fp32 so TF32 rounding cannot reorder near-ties.
     model = load_model(args)
-    output = Path(args.output or (Path(args.aligner).parent / "eval.json" if args.aligner else
-                                  Path("results") / f"eval_{slug(model.name)}.json"))
-    results = []
+    results, backup = [], None
     for name, task in tasks.items():
         results.append(run_task(model, name, task, args))
         out = report(model, args, results, complete=len(results) == len(tasks))
-        atomic_save(out, output)  # after every task: an interrupted run keeps the tasks it finished
+        if old is not None and backup is None:  # the earlier file is moved aside at the first write, not before
+            backup = back_up(output)
+        out["earlier"] = str(backup) if backup else None
+        # after every task: an interrupted run keeps the tasks it finished; a failed write (a full disk) ends the
+        # run with one line, the file as it was after the task before (before this run, for the first write)
+        first = len(results) == 1
+        try:
+            save(out, output, (f"{output} as it was before this run" if first else
+                               f"{output} as it was after the task before" + (f", the earlier one as {backup}"
+                                                                              if backup else ""))
+                 + ", and the features of every finished task (cached)")
+        except DataError:
+            if first and backup:
+                os.replace(backup, output)  # the earlier file back under its name
+            raise
+    if backup and same_rows(old["results"], results):  # nothing the rerun does not hold again: no backup left
+        backup.unlink()
+        backup = out["earlier"] = None
+        save(out, output, f"{output} as it was after the last task")
     print_table(results)
     done = [r for r in results if "metrics" in r]
     parts = [f"{r['dataset']} acc1 {100 * r['metrics']['acc1']:.2f}" if r["task"] == CLS else
@@ -922,7 +1258,7 @@ def main(argv=None) -> dict:
     summary = " | ".join(parts + means
                          + ([f"clip14 mean {100 * mean['clip14']:.2f}"] if mean["clip14"] is not None else [])
                          + ([f"{partial} partial"] if partial else []) + ([f"{skipped} skipped"] if skipped else []))
-    print(f"eval ({model.name}) | {summary} | -> {output}")
+    print(f"eval ({model.name}) | {summary} | -> {output}" + (f" (the earlier results: {backup})" if backup else ""))
     if args.strict and skipped:
         raise DataError(f"--strict: {skipped} of {len(results)} tasks skipped "
                         f"({', '.join(r['dataset'] for r in results if 'skipped' in r)}; reasons above and in "

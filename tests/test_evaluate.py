@@ -155,6 +155,19 @@ def test_imagenet_names_and_80_templates_are_openai_exact():
     assert set(ev.ALIASES["clip14"]) <= set(ev.TASKS) and len(ev.CLIP14) == 14
 
 
+def test_caltech101_folder_names_follow_clip_benchmark_names_in_order():
+    """The folder list read_caltech101 checks against: ImageFolder's sorted order, position for position the class
+    CLIP_benchmark names (so one missing or stray folder is refused instead of shifting labels)."""
+    folders, names = ev.CALTECH101_FOLDERS, ev.cb_classnames()["caltech101"]
+    assert len(folders) == len(set(folders)) == len(names) == 102 and folders == sorted(folders)
+    pairs = dict(zip(folders, names))
+    assert (pairs["BACKGROUND_Google"], pairs["Faces_easy"], pairs["car_side"], pairs["yin_yang"]) == (
+        "background", "centered face", "side of a car", "yin and yang symbol")
+    assert all(f.lower().replace("_", " ").rstrip("s") in n for f, n in pairs.items()
+               if f not in ("BACKGROUND_Google", "Faces_easy", "car_side", "cougar_body", "cougar_face",
+                            "crocodile_head", "flamingo_head", "yin_yang"))
+
+
 def png(path, colour=(255, 0, 0)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (12, 12), colour).save(path)
@@ -169,14 +182,14 @@ def test_mscoco_and_flickr_readers_keep_every_caption(tmp_path):
            "annotations": [{"image_id": 2, "caption": f"two {k}"} for k in range(6)] + [
                {"image_id": 1, "caption": "one, a"}, {"image_id": 1, "caption": "one b"}]}
     (coco / "coco_test_karpathy.json").write_text(json.dumps(ann))
-    data = ev.read_mscoco(coco, None, "mscoco_captions")
+    data = ev.read_mscoco(coco, ev.Args(), "mscoco_captions")
     assert data.files == [str(coco / "val2014" / "COCO_val2014_1.jpg"), str(coco / "val2014" / "COCO_val2014_2.jpg")]
     assert data.captions == [["one, a", "one b"], [f"two {k}" for k in range(6)]]  # all 6 kept (CLIP_benchmark)
     flickr = tmp_path / "flickr30k"
     png(flickr / "10.jpg"), png(flickr / "20.jpg")
     (flickr / "flickr30k_test_karpathy.txt").write_text("image,caption\n10.jpg,a dog, running\n20.jpg,b\n"
                                                          "10.jpg,a dog again\n")
-    data = ev.read_flickr30k(flickr, None, "flickr30k")
+    data = ev.read_flickr30k(flickr, ev.Args(), "flickr30k")
     assert data.captions == [["a dog, running", "a dog again"], ["b"]]
 
 
