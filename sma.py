@@ -7,6 +7,17 @@ caption set of the batch (default FLQMI).
 Only the abstract could be read: docs/SMA.md separates what the paper states from what we reconstruct, and
 every choice of ours is tagged below (`# not specified in the paper; we use ...`, `# deviation: ...`).
 
+Paper -> code (docs/SMA.md, sections 2-4):
+  an entity = an image set A (K views) and a caption set T (M captions)   image_sets, Views, batch_plan
+  frozen encoders, features cached                                       features (plumbing.extract, load_encoder)
+  light heads g_v, g_t to a shared, L2-normalised space                  Heads
+  s(a, t) = <g_v(a), g_t(t)> / tau; a smooth max over a set              smax
+  the set-level contrastive objective over the batch's N x N set scores  contrastive
+  SMI scores: FLQMI (default), FLVMI, graph-cut MI, log-det MI           flqmi, flvmi (cover), gcmi, logdetmi
+  "reducing cross-modal divergence" (submodular variation of info.)      divergence (--lambda-div)
+  baselines: InfoNCE, multi-positive InfoNCE, SigLIP                     infonce, multipos, siglip
+  the loss of a step, the optimiser, the loop                            sma_loss, train (AdamW, warm-up + cosine)
+
 Commands:
   python sma.py --data pairs.csv                       # DINOv2 ViT-L/14 + GTE-large-1.5 (Hugging Face hub)
   python sma.py --data examples/emoji/train.csv --image-encoder offline:efficientnet-lite0 \
@@ -18,17 +29,17 @@ Commands:
 Writes: <cache-dir>/sma-image-<hash>/, sma-text-<hash>/ (float16 feature stores of K views, of all captions,
   reused by later runs; docs/SCALE.md),
   <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
-  <out>/aligner.pt (the export evaluate.py loads; format in README.md), <out>/eval.json (with --eval).
-Measured on: 2 CPU cores, torch 2.15 (bench/sma_step_cpu.md, bench/sweep_emoji.md); one H100 (bench/sma_step_gpu.md).
-Needs: plumbing.py beside it (readers, encoders, heads, checkpoints); evaluate.py for --eval.
+  <out>/aligner.pt (the export evaluate.py loads; format: docs/USAGE.md section 6), <out>/eval.json (with --eval).
+Measured on: 2 CPU cores (bench/sweep_artists.md, torch 2.14.1; bench/sma_step_cpu.md, torch 2.15.0); one H100
+  (bench/sma_step_gpu.md, an earlier version of this file).
+Needs: plumbing.py beside it (readers, encoders, heads, checkpoints, the feature store); evaluate.py for --eval only
+  (refused in one line, before any compute, when it is not there).
 """
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -40,10 +51,11 @@ from torch.utils.data import Dataset
 # What this file shares with sotalign.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_folder, check_image,
-                      extract, generator, head_state, leave, load_checkpoint, load_encoder, make_head,
-                      on_device, open_image, parse_dataclass, read_exclude, read_pairs, save_checkpoint,
-                      schedule, setup, store_key, without)
+from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_image, check_out,
+                      encoder_identity, extract, generator, head_state, import_evaluate, leave, load_checkpoint,
+                      load_encoder, make_head, on_device, open_image, parse_dataclass, read_exclude, read_pairs,
+                      run_eval, save_checkpoint, schedule, setup, stop, store_key, undecodable, without,
+                      write_manifest)
 
 
 # ---------------------------------------------------------------------------- args
@@ -63,8 +75,8 @@ class Args:
     image_root: str = arg("", "coco: data: the image folder ('' = COCO's layout, <split>/ beside annotations/)")
     subset: int = arg(0, "coco: data: keep this many images, a fixed-seed nested subset (0 = all)", ge=0)
     skip_bad_rows: bool = arg(False, "skip and count bad rows instead of stopping at the first one")
-    image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
-    text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
+    image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (docs/USAGE.md 2)")
+    text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (docs/USAGE.md 2)")
     views: int = arg(2, "K: image views per entity (view 0 the clean eval view, the rest augmented)", ge=1)
     depictions: str = arg("", "CSV image,depiction: more images of the entity whose --data image is `image`; views "
                               "0..n-1 are its n images (clean), the rest augmentations of them in turn ('' = none)")
@@ -76,7 +88,7 @@ class Args:
     lambda_div: float = arg(0.0, "weight of the divergence term (submodular variation of information)", ge=0)
     tau: float = arg(0.0, "initial temperature tau = 1 / logit scale (0: CLIP's 0.07; SigLIP: 0.05, i.e. scale 20)",
                      ge=0)
-    fixed_tau: bool = arg(False, "keep tau at its initial value instead of learning it (README, 'Temperature')")
+    fixed_tau: bool = arg(False, "keep tau at its initial value instead of learning it")
     dim: int = arg(1024, "d: output dimension of the heads", ge=1)
     hidden: int = arg(1024, "hidden width of the heads' MLP", ge=1)
     # not specified in the paper; we use the optimisation defaults of docs/SMA.md
@@ -89,8 +101,11 @@ class Args:
     out: str = arg("runs/sma", "output folder")
     overwrite: bool = arg(False, "replace a finished or started run in --out (refused without it)")
     cache_dir: str = arg(".cache", "feature cache folder")
+    verify_cache: bool = arg(False, "re-read every cached feature shard against its CRC-32 (a cache hit otherwise "
+                                    "checks each shard's header and size only)")
     resume: bool = arg(False, "continue the run in <out>/checkpoint.pt")
-    eval: str = arg("", "evaluate.py tasks to run on the export at the end, e.g. `emoji` or `clip14` ('' = none)")
+    eval: str = arg("", "evaluate.py tasks to run on the export at the end, e.g. `emoji` or `clip14` ('' = none; "
+                        "needs evaluate.py beside this file)")
     dataset_root: str = arg("datasets", "--eval: evaluate.py's --dataset-root (a dataset in <root>/<task>/)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
     workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
@@ -101,7 +116,7 @@ class Args:
 
 
 # Args that do not change what is trained: --resume may differ in these and nothing else.
-RUN_ONLY = {"out", "overwrite", "cache_dir", "resume", "eval", "dataset_root", "device", "workers",
+RUN_ONLY = {"out", "overwrite", "cache_dir", "verify_cache", "resume", "eval", "dataset_root", "device", "workers",
             "extract_batch_size", "log_every", "ckpt_every", "stop_after_steps"}
 
 
@@ -160,8 +175,11 @@ class Views(Dataset):
         e, K = self.index[j], self.K
         ims = []
         for ref in self.images[e][:K]:  # decoded here, once, at full size: the random crops need its pixels
-            with open_image(ref) as im:  # a file, or a tar member
-                ims.append(im.convert("RGB"))
+            try:
+                with open_image(ref) as im:  # a file, or a tar member
+                    ims.append(im.convert("RGB"))
+            except Exception as error:  # checked when read, but cut or damaged inside: one line naming it
+                raise undecodable(ref, error) from None
         views = []
         with torch.random.fork_rng(devices=[]):
             for k in range(K):
@@ -177,11 +195,14 @@ def cache_key(pairs: Pairs, args: Args, modality, sets=None) -> str:
     (plumbing.store_key). sets: image_sets(pairs, args.depictions) when the caller has them already."""
     if modality == "image" and args.depictions:
         sets = sets or image_sets(pairs, args.depictions)
-        config = [CACHE_VERSION, args.image_encoder, args.views, args.aug_seed, [len(ps) for ps in sets]]
+        identity = encoder_identity(args.image_encoder)
+        config = [CACHE_VERSION, identity, args.views, args.aug_seed, [len(ps) for ps in sets]]
         return store_key(config, "image", (p for ps in sets for p in ps))
     if modality == "image":
-        return store_key([CACHE_VERSION, args.image_encoder, args.views, args.aug_seed], "image", pairs.images)
-    return store_key([CACHE_VERSION, args.text_encoder], "text", (c for caps in pairs.captions for c in caps))
+        return store_key([CACHE_VERSION, encoder_identity(args.image_encoder), args.views, args.aug_seed], "image",
+                         pairs.images)
+    return store_key([CACHE_VERSION, encoder_identity(args.text_encoder)], "text",
+                     (c for caps in pairs.captions for c in caps))
 
 
 def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", sets=None) -> dict:
@@ -211,7 +232,7 @@ def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", sets=None)
             return texts, enc.encode
         batch = max(1, args.extract_batch_size // (K if image else 1))
         store = extract(folder, E if image else len(texts), load, batch, workers if image else 0, rank, world,
-                        f"{modality}s {spec}", pin="cuda" in device)  # pinned: the copy to the GPU does not block
+                        f"{modality}s {spec}", "cuda" in device, args.verify_cache)  # pinned: the GPU copy is async
         out[modality] = store
         rate = store.encoded * world * (K if image else 1) / max(store.seconds, 1e-9)  # all ranks together
         if rank == 0 and store.encoded:
@@ -279,6 +300,7 @@ def smax(x, mask=None, dim=-1):
 
     mask (same shape as x, bool): True for the set's members. max - log n <= smax <= max, and smax(c x) / c -> max
     as c -> inf (the temperature 1/scale is the smoothing). Replaces max in FL scores, as in SCoRe / SMILe.
+    Paste with: import math, torch.
     """
     # not specified in the paper; we use logsumexp - log n for max, as the authors' SCoRe / SMILe code
     if mask is None:
@@ -288,7 +310,8 @@ def smax(x, mask=None, dim=-1):
 
 def contrastive(logits):
     """L = 1/2 [ CE(l, diag) + CE(l^T, diag) ] over an (N, N) score matrix l[k, l] (CLIP's symmetric loss):
-    entity k's image set must score highest with its own caption set among the batch's, and vice versa."""
+    entity k's image set must score highest with its own caption set among the batch's, and vice versa.
+    Paste with: import torch, torch.nn.functional as F."""
     y = torch.arange(len(logits), device=logits.device)
     i2t, t2i = F.cross_entropy(logits, y), F.cross_entropy(logits.T, y)
     return (i2t + t2i) / 2, {"i2t": i2t, "t2i": t2i}
@@ -301,6 +324,7 @@ def flqmi(zi, zt, mask, scale, eta=1.0):
               / (1 + eta),   L = contrastive(l)                                 (shapes: see "Shared symbols")
     FLQMI (PRISM): I(A; Q) = sum_{i in Q} max_{j in A} s_ij + eta sum_{i in A} max_{j in Q} s_ij: each caption
     is covered by its best view and each view by its best caption. With K = M = 1, l = s: InfoNCE at the same tau.
+    Paste with: contrastive, smax; import math, torch, torch.nn.functional as F.
     """
     N, K, d = zi.shape
     M = zt.shape[1]
@@ -316,7 +340,8 @@ def flqmi(zi, zt, mask, scale, eta=1.0):
 def cover(zi, zt, mask, scale):
     """Facility-location coverage of the batch ground set V (all N K views, then all N M caption slots):
     mA[i, k] = smax_{a in A_k} s(v_i, a), mT[i, l] = smax_{t in T_l} s(v_i, t) -> (V, N), (V, N); and
-    v: (V,) bool, True for the real members of V (padded caption slots are not in V)."""
+    v: (V,) bool, True for the real members of V (padded caption slots are not in V).
+    Paste with: smax; import math, torch."""
     N, K, d = zi.shape
     M = zt.shape[1]
     Z = torch.cat([zi.reshape(N * K, d), zt.reshape(N * M, d)])  # (V, d) with padding, V = N K + N M
@@ -334,6 +359,7 @@ def flvmi(zi, zt, mask, scale, eta=1.0):
     V: every view and real caption of the batch; s_ij = scale <z_i, z_j> within and across modalities;
     smin(x, y) = -smax(-x, -y) = log 2 - log(e^-x + e^-y). FLVMI (PRISM): I(A; Q) = sum_{i in V} min(max_{j in A}
     s_ij, eta max_{j in Q} s_ij). O(|V| N^2) memory: an ablation. K = M = 1: not InfoNCE (a smooth min over all V).
+    Paste with: contrastive, smax, cover; import math, torch, torch.nn.functional as F.
     """
     mA, mT, v = cover(zi, zt, mask, scale)  # (V, N), (V, N), (V,)
     # not specified in the paper; we use the mean over V (not the sum) and the smooth min matching smax
@@ -346,6 +372,7 @@ def gcmi(zi, zt, mask, scale, eta=1.0):
 
     l[k, l] = eta (1/(K M_l)) sum_{a in A_k} sum_{t in T_l} s(a, t) = eta s(mean_a zi[k, a], mean_t zt[l, t]),
     L = contrastive(l). Modular (no diminishing returns): an ablation. K = M = 1: InfoNCE at tau / eta (eta = 1: tau).
+    Paste with: contrastive; import torch, torch.nn.functional as F.
     """
     # not specified in the paper; we use lambda = eta / 2 and means instead of sums
     ui = zi.mean(1)  # (N, d)
@@ -360,6 +387,7 @@ def logdetmi(zi, zt, mask, scale, eta=1.0, ridge=0.1):
     S_A = Z_A Z_A^T + ridge I (K x K), S_Q = Z_Q Z_Q^T + ridge I (M_l x M_l), S_AQ = Z_A Z_Q^T: cosine kernels.
     Padded captions enter S_Q as identity rows/columns with zero cross terms (value unchanged). eta <= 1 keeps the
     Schur complement PD (ridge r > 0). K = M = 1: l = -scale log(1 - (eta <a, t> / (1 + r))^2): not InfoNCE.
+    Paste with: contrastive; import torch, torch.nn.functional as F.
     """
     N, K, d = zi.shape
     M = zt.shape[1]
@@ -381,6 +409,7 @@ def multipos(zi, zt, mask, scale, eta=1.0):
     i2t: for each view a of entity k, p = softmax over all real captions of the batch of s(a, .), target uniform over
     T_k: loss -(1/M_k) sum_{t in T_k} log p_t. t2i likewise over all views, target uniform over A_k.
     L = 1/2 (mean over views of i2t + mean over real captions of t2i). eta is unused.
+    Paste with: import torch.
     """
     N, K, d = zi.shape
     M = zt.shape[1]
@@ -394,13 +423,15 @@ def multipos(zi, zt, mask, scale, eta=1.0):
 
 
 def infonce(x, y, scale):
-    """CLIP / SAIL InfoNCE on single pairs: L = contrastive(scale x y^T); x, y: (N, d) normalised embeddings."""
+    """CLIP / SAIL InfoNCE on single pairs: L = contrastive(scale x y^T); x, y: (N, d) normalised embeddings.
+    Paste with: contrastive; import torch, torch.nn.functional as F."""
     return contrastive(scale * x @ y.T)
 
 
 def siglip(x, y, scale, bias):
     """SigLIP (Zhai et al. 2023, Eq. 1): L = -(1/N) sum_{k,l} log sigmoid(z_kl (scale <x_k, y_l> + bias)),
-    z_kl = 1 if k = l else -1; x, y: (N, d) normalised embeddings."""
+    z_kl = 1 if k = l else -1; x, y: (N, d) normalised embeddings.
+    Paste with: import torch, torch.nn.functional as F."""
     logits = scale * x @ y.T + bias  # (N, N)
     z = 2 * torch.eye(len(x), dtype=x.dtype, device=x.device) - 1
     loss = -F.logsigmoid(z * logits).sum() / len(x)
@@ -414,6 +445,7 @@ def divergence(zi, zt, mask, scale):
     D_k = f(A_k | T_k) + f(T_k | A_k),  f(A | T) = (1/|V|) sum_{i in V} relu(smax_{a in A} c_ia - smax_{t in T} c_it)
         = (1/|V|) sum_{i in V} |mA[i, k] - mT[i, k]|  (the two relus sum to |.|);  returns mean_k D_k.
     c: cosine similarity; the smooth max uses the current temperature (see cover), result divided back by 1/tau.
+    Paste with: smax, cover; import math, torch.
     """
     # not specified in the paper; we use cosine units with tau detached, so the term cannot shrink by lowering 1/tau
     s = scale.detach()
@@ -464,7 +496,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, round(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args, model, opt, sched)
+        step, metrics = load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args, model, opt, sched, world)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
@@ -483,10 +515,8 @@ def train(args: Args, feats: dict, rank, world, device, log):
             zi, zt = Gather.apply(zi), Gather.apply(zt)  # (N, K, d), (N, M, d)
         loss, parts = sma_loss(args.loss, zi, zt, mask, scale, bias, pick_v, pick_t, args.eta, args.lambda_div)
         if not torch.isfinite(loss):  # one sync per step, cheap next to the step; stops before the bad update
-            kept = f"{ckpt} (step {torch.load(ckpt, weights_only=True)['step']})" if ckpt.is_file() else "none"
-            raise SystemExit(f"non-finite loss {loss.item()} at step {step + 1} ({args.loss}: "
-                             f"{ {k: v.item() for k, v in parts.items()} }); stopping. Last good checkpoint: {kept}. "
-                             f"Lower --lr, or check the features for NaN.")
+            stop(f"non-finite loss {loss.item()} ({args.loss}: { {k: v.item() for k, v in parts.items()} })", step,
+                 ckpt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -504,7 +534,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
                 f" | tau {1 / scale.item():.4f} | {1000 * dt:.1f} ms/step | {B / dt:.0f} entities/s")
             tick, since = time.time(), step
         if rank == 0 and (step % args.ckpt_every == 0 or step == total):
-            save_checkpoint(ckpt, CKPT_FORMAT, model, opt, sched, step, args, metrics)
+            save_checkpoint(ckpt, CKPT_FORMAT, model, opt, sched, step, args, metrics, world)
         if step == args.stop_after_steps:
             log(f"stopping after step {step} (--stop-after-steps); continue with --resume")
             return None, None
@@ -513,7 +543,7 @@ def train(args: Args, feats: dict, rank, world, device, log):
 
 # ---------------------------------------------------------------------------- export
 def export(model: Heads, args: Args, metrics, path):
-    """The aligner checkpoint evaluate.py loads (format in README.md), written atomically."""
+    """The aligner export evaluate.py loads (format: docs/USAGE.md section 6), written atomically."""
     atomic_save({"format": "aligner/1", "method": "sma", "image_encoder": args.image_encoder,
                  "text_encoder": args.text_encoder,
                  "image_head": head_state(model.image_head, "mlp", model.image_head[0].normalized_shape[0],
@@ -529,21 +559,13 @@ def export(model: Heads, args: Args, metrics, path):
 def check_run(args: Args, entities, world, images: list):
     """Everything checkable before extraction and before anything is written into --out; DataError if not.
     images: every training image, which no requested evaluation may score."""
-    check_folder(args.out, "--out")
-    check_folder(args.cache_dir, "--cache-dir")
-    aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
-    if args.resume and ckpt.is_file():
-        load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args)  # readable, and trained with these args
-    if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
-        raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
-                        "--out, pass --resume to continue a started run, or --overwrite to replace it")
+    check_out(args, CKPT_FORMAT, RUN_ONLY, world)
     if entities < 2:
         raise DataError(f"{args.data}: {entities} entity; a contrastive loss needs at least 2 (add images)")
     if min(args.batch_size, entities) % world:
         raise DataError(f"--batch-size {min(args.batch_size, entities)}: not a multiple of the {world} processes")
-    if args.eval:  # evaluate.py (beside this file) refuses an unknown task, or a train/test leak, now
-        import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
-        evaluate.check_training_images(args.eval, args.dataset_root, images)
+    if args.eval:  # no evaluate.py beside this file, an unknown task, or a train/test leak: refused now
+        import_evaluate(__file__).check_training_images(args.eval, args.dataset_root, images)
 
 
 def main(argv=None):
@@ -552,7 +574,8 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
     pairs = read_pairs(args.data, args.image_key or None, args.caption_key or None, args.sep or None,
-                       args.skip_bad_rows, image_root=args.image_root or None, subset=args.subset)
+                       args.skip_bad_rows, image_root=args.image_root or None, subset=args.subset,
+                       cache_dir=args.cache_dir)
     if pairs.skipped:
         log(f"{args.data}: skipped {len(pairs.skipped)} bad rows (--skip-bad-rows): {'; '.join(pairs.skipped[:5])}")
     if args.exclude:  # e.g. the Karpathy test images, before --eval mscoco (check_run refuses a leak)
@@ -570,18 +593,9 @@ def main(argv=None):
         log(f"exported {out / 'aligner.pt'}")
         (out / "eval.json").unlink(missing_ok=True)  # an --overwrite run: no earlier scores beside the new aligner
         if args.eval:  # evaluate.py on the export -> its results, with its one-line "summary"
-            import evaluate
-            # evaluate.py's default batch of 256 images peaked at 5.4 GB on a CPU: use the extraction batch
-            results = evaluate.main(["--aligner", str(out / "aligner.pt"), "--tasks", args.eval, "--output",
-                                     str(out / "eval.json"), "--cache-dir", args.cache_dir,
-                                     "--batch-size", str(args.extract_batch_size), "--device", device,
-                                     "--dataset-root", args.dataset_root])
-        atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
-                     "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
-                     "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),
-                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-                     "image_per_s": feats.get("image_per_s"), "metrics": metrics, "eval": results.get("mean")},
-                    out / "manifest.json")
+            results = run_eval(__file__, args, out / "aligner.pt", out / "eval.json", device)
+        write_manifest(out / "manifest.json", args, device, world, entities=len(pairs.images),
+                       image_per_s=feats.get("image_per_s"), metrics=metrics, eval=results.get("mean"))
     leave(world)
     if model is not None:
         log(f"sma {args.loss} | seed {args.seed} | {metrics['step']} steps | final loss {metrics['loss']:.4f}"

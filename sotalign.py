@@ -2,12 +2,19 @@
 (Roschmann, Krzakala, Mazelet, Bouniot, Akata, ICML 2026; arXiv 2602.23353): a reference implementation.
 
 A FROZEN image encoder and a FROZEN text encoder are aligned by two light heads f (image) and g (text) from a few
-image-text pairs plus unpaired images and unpaired texts. Stage 1 fits a closed-form linear teacher on the pairs
-(regularised CCA by default). Stage 2 trains f, g with SigLIP on the pairs plus lambda * KLOT(K, K*) on unpaired
-batches: the KL divergence between the entropic OT plans of the teacher similarity K* and the student similarity K.
-KLOT is as published; defaults are the authors' (Lion, lr 1e-4, lambda 1e-4, eps 0.05 / 0.005, SigLIP mean-normalised
-from scale 20, bias -10); our readings are tagged (`# not specified in the paper`, `# deviation:`), see docs/SOTAlign.md
-and, component by component against the authors' code, docs/FAITHFULNESS.md.
+image-text pairs plus unpaired images and unpaired texts. Defaults are the authors' (Lion, lr 1e-4, lambda 1e-4,
+eps 0.05 / 0.005, SigLIP mean-normalised from scale 20, bias -10); our readings are tagged (`# not specified in the
+paper`, `# deviation:`); docs/SOTAlign.md has the method, docs/FAITHFULNESS.md each component against the authors' code.
+
+Paper -> code (only the abstract could be read; the rest follows the authors' code, docs/SOTAlign.md):
+  stage 1, a linear teacher fitted on the pairs         fit_teacher: cca (default), csa, procrustes, ridge
+  the teacher similarity K* = <T_x(x), T_y(y)>          teacher_similarity (CSA: rho-weighted, score_weighted)
+  the student similarity K = <f(x), g(y)>, heads f, g   Heads (LayerNorm -> Linear, Xavier init)
+  entropic OT plans P = OT_eps(K), P* = OT_eps*(K*)     sinkhorn_log (log domain, symmetrised last half-step)
+  KLOT(K, K*) = KL(P* || P), gradient (P - P*) / eps    klot (straight-through form)
+  the supervised loss on the pairs                      siglip (or infonce); unpaired negatives: the same functions
+  stage 2: L = L_pairs + lambda KLOT                    objective (+ the STRUCTURE baseline's term, structure)
+  optimiser                                             Lion; schedule (warm-up, cosine); train (the loop)
 
 Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
   python sotalign.py --pairs pairs.csv --unpaired-images DIR_OR_CSV --unpaired-texts TXT_OR_CSV   # DINOv2-L + GTE
@@ -17,25 +24,26 @@ Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
       --unpaired-negatives --unpaired-batch 256 --steps 200 --lr 1e-3 --eval emoji
       # offline demo, the authors' setting: 1 min 51 s, 2.2 GB peak RSS on 2 idle CPU cores, cold cache. With 47
       # pairs its heads score below their CCA teacher (emoji zero-shot acc1 16.6 vs 19.4, retrieval R@1 ~2%)
+  python sotalign.py --pairs 'cc3m/00000.tar' --unpaired-from 'cc3m/{00001..00200}.tar'   # the authors' setting
+  python sotalign.py --pairs coco:coco/annotations/captions_train2017.json --subset 10000 ...  # COCO pairs
   python sotalign.py ... --resume     # continue <out>/checkpoint.pt | torchrun --nproc_per_node=N sotalign.py ...
-Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>/ (float16 feature store per input set, docs/SCALE.md),
-  <out>/teacher.pt, aligner.pt
-  (aligners evaluate.py loads), checkpoint.pt (training state, atomic), manifest.json, eval*.json (with --eval).
-Measured on: 2 CPU cores, torch 2.15 (bench/sotalign_sinkhorn_cpu.md, bench/sweep_emoji.md); one H100
-  (bench/sotalign_sinkhorn_gpu.md).
-Needs: plumbing.py beside it (readers, encoders, heads, checkpoints); evaluate.py for --eval.
+Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>/ (a float16 feature store per input set, docs/SCALE.md),
+  <out>/teacher.pt and aligner.pt (the exports evaluate.py loads; format: docs/USAGE.md section 6), checkpoint.pt
+  (training state, atomic), manifest.json, eval.json and eval_teacher.json (with --eval).
+Measured on: 2 CPU cores (bench/sweep_artists.md, torch 2.14.1; bench/sotalign_sinkhorn_cpu.md, torch 2.15.0); one
+  H100 (bench/sotalign_sinkhorn_gpu.md, an earlier version of this file).
+Needs: plumbing.py beside it (flags, readers, frozen encoders, heads, the feature store, checkpoints); evaluate.py
+  for --eval only (refused in one line, before any compute, when it is not there).
 """
 import copy
 import csv
 import itertools
 import math
 import os
-import platform
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -44,13 +52,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 
-# What this file shares with sma.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
-# heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
-# imported only for --eval.
-from plumbing import (AffineHead, DataError, Gather, Store, arg, atomic_save, check_folder, check_image,
-                      extract, generator, head_state, image_identity, leave, load_checkpoint, load_encoder,
-                      make_head, on_device, open_image, parse_dataclass, read_exclude, read_pairs, read_tars,
-                      refuse_bad_entries, save_checkpoint, schedule, setup, store_key, without)
+# What this file shares with sma.py and evaluate.py lives once in plumbing.py (flags, readers, frozen encoders,
+# heads, atomic writes, torchrun setup, the feature store, checkpoints): this file holds the method.
+from plumbing import (AffineHead, DataError, Gather, Store, arg, atomic_save, check_image, check_out,
+                      encoder_identity, extract, generator, head_state, image_identity, import_evaluate, leave,
+                      load_checkpoint, load_encoder, make_head, on_device, open_image, parse_dataclass, read_exclude,
+                      read_pairs, read_tars, refuse_bad_entries, run_eval, save_checkpoint, schedule, setup, stop,
+                      store_key, undecodable, without, write_manifest)
 
 
 # ---------------------------------------------------------------------------- args
@@ -77,8 +85,8 @@ class Args:
     image_root: str = arg("", "coco: pairs: the image folder ('' = COCO's layout, <split>/ beside annotations/)")
     subset: int = arg(0, "coco: pairs: keep this many images, a fixed-seed nested subset (0 = all)", ge=0)
     skip_bad_rows: bool = arg(False, "skip and count bad rows instead of stopping at the first one")
-    image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (README)")
-    text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (README)")
+    image_encoder: str = arg("timm:vit_large_patch14_dinov2.lvd142m@224", "frozen image encoder spec (docs/USAGE.md 2)")
+    text_encoder: str = arg("hf:Alibaba-NLP/gte-large-en-v1.5", "frozen text encoder spec (docs/USAGE.md 2)")
     teacher: str = arg("cca", "stage-1 linear teacher (csa: CCA weighted by correlation, CSA)", choices=TEACHERS)
     teacher_reg: float = arg(0.1, "ridge on the covariance blocks of CCA / CSA (and of ridge regression); 0: "
                                   "unregularised, as CSA's CCA", ge=0)
@@ -104,7 +112,7 @@ class Args:
     compile: bool = arg(torch.cuda.is_available(), "torch.compile the Sinkhorn kernel (on with CUDA: bench/)")
     tau: float = arg(0.0, "initial temperature tau = 1 / logit scale (0: CLIP's 0.07; SigLIP: 0.05, i.e. scale 20)",
                      ge=0)
-    fixed_tau: bool = arg(False, "keep tau at its initial value instead of learning it (README, 'Temperature')")
+    fixed_tau: bool = arg(False, "keep tau at its initial value instead of learning it")
     dim: int = arg(1024, "d: output dimension of the heads", ge=1)
     head_layers: int = arg(1, "1: LayerNorm -> Linear (the authors'); 2: + GELU -> Linear", choices=(1, 2))
     hidden: int = arg(1024, "hidden width of the heads when --head-layers 2", ge=1)
@@ -123,9 +131,12 @@ class Args:
     out: str = arg("runs/sotalign", "output folder")
     overwrite: bool = arg(False, "replace a finished or started run in --out (refused without it)")
     cache_dir: str = arg(".cache", "feature cache folder")
+    verify_cache: bool = arg(False, "re-read every cached feature shard against its CRC-32 (a cache hit otherwise "
+                                    "checks each shard's header and size only)")
     resume: bool = arg(False, "continue the run in <out>/checkpoint.pt")
     dataset_root: str = arg("datasets", "--eval: evaluate.py's --dataset-root (a dataset in <root>/<task>/)")
-    eval: str = arg("", "evaluate.py tasks to run on the teacher and the export at the end, e.g. `emoji` ('' = none)")
+    eval: str = arg("", "evaluate.py tasks to run on the teacher and the heads at the end, e.g. `emoji` ('' = none; "
+                        "needs evaluate.py beside this file)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
     workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
     extract_batch_size: int = arg(64, "images or texts per encoder call during extraction", ge=1)
@@ -135,8 +146,8 @@ class Args:
 
 
 # Args that do not change what is trained: --resume may differ in these and nothing else.
-RUN_ONLY = {"heldout", "compile", "out", "overwrite", "cache_dir", "resume", "eval", "dataset_root", "device",
-            "workers", "extract_batch_size", "log_every", "ckpt_every", "stop_after_steps"}
+RUN_ONLY = {"heldout", "compile", "out", "overwrite", "cache_dir", "verify_cache", "resume", "eval", "dataset_root",
+            "device", "workers", "extract_batch_size", "log_every", "ckpt_every", "stop_after_steps"}
 
 
 def parse_args(argv=None) -> Args:
@@ -155,13 +166,13 @@ CACHE_VERSION = 2  # 2: JPEGs >= 4x the encoder's resize are decoded at reduced 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def read_unpaired(path, modality, key="", sep="", skip_bad_rows=False) -> list:
+def read_unpaired(path, modality, key="", sep="", skip_bad_rows=False, cache_dir=None) -> list:
     """Unpaired images: every image file under a folder (recursive, sorted) or the `image` column of a CSV (paths
     relative to its folder), each checked like read_pairs. Unpaired texts: a .txt file (one per line, blank lines
     ignored) or the `caption` / `text` column of a CSV. Either: webdataset tar shards (a path or brace pattern ending
     in .tar, plumbing.read_tars), their images or their captions. Bad rows raise DataError naming the file and row."""
     if str(path).endswith(".tar"):
-        shards = read_tars(path, skip_bad_rows)
+        shards = read_tars(path, skip_bad_rows, cache_dir)
         return shards.images if modality == "image" else [c for caps in shards.captions for c in caps]
     path = Path(path)
     if modality == "image" and path.is_dir():
@@ -218,14 +229,17 @@ class ImageFiles(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        with open_image(self.images[i]) as im:
-            return self.transform(im)
+        try:
+            with open_image(self.images[i]) as im:
+                return self.transform(im)
+        except Exception as error:  # checked when read, but cut or damaged inside: one line naming it
+            raise undecodable(self.images[i], error) from None
 
 
 def cache_key(modality, items, spec) -> str:
-    """Hash of all the features depend on (image paths, sizes, mtimes, or the texts; the encoder spec): never stale.
-    One streamed pass over the items (plumbing.store_key)."""
-    return store_key([CACHE_VERSION, spec], modality, items)
+    """Hash of all the features depend on (the image paths and file identities, or the texts; the encoder's spec and
+    identity): never stale. One streamed pass over the items (plumbing.store_key)."""
+    return store_key([CACHE_VERSION, encoder_identity(spec)], modality, items)
 
 
 def features(name, modality, items, args: Args, encoders: dict, rank=0, world=1, device="cpu") -> Store:
@@ -243,7 +257,7 @@ def features(name, modality, items, args: Args, encoders: dict, rank=0, world=1,
         return (ImageFiles(items, enc.transform) if image else items), enc.encode
 
     store = extract(folder, len(items), load, args.extract_batch_size, workers if image else 0, rank, world,
-                    f"{modality}s {name}", pin="cuda" in device)  # pinned: the copy to the GPU does not block
+                    f"{modality}s {name}", "cuda" in device, args.verify_cache)  # pinned: the GPU copy does not block
     if rank == 0 and store.encoded:
         print(f"features: {len(items)} {name} {modality}s at {store.encoded * world / store.seconds:.1f}/s -> "
               f"{folder}")
@@ -294,15 +308,14 @@ def recall_at_1(heads, feats: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- model / heads
-# The teacher's heads are evaluate.py's AffineHead, z = (x / ||x|| - mu) W, so that evaluate.py loads teacher.pt.
 class Heads(nn.Module):
-    """Trainable, fp32: f, g = LayerNorm -> Linear (d) (the authors'; --head-layers 2: MLP), the logit scale 1/tau and
-    (SigLIP) bias."""
+    """Trainable, fp32: the heads f (image) and g (text) = LayerNorm -> Linear (d) (the authors'; --head-layers 2: an
+    MLP), the logit scale 1/tau and (SigLIP) a logit bias."""
 
     def __init__(self, di, dt, args: Args):
         super().__init__()
-        self.image_head = make_head("mlp", di, args.dim, args.hidden, args.head_layers)
-        self.text_head = make_head("mlp", dt, args.dim, args.hidden, args.head_layers)
+        self.image_head = make_head("mlp", di, args.dim, args.hidden, args.head_layers)  # f
+        self.text_head = make_head("mlp", dt, args.dim, args.hidden, args.head_layers)  # g
         for layer in self.modules():  # the authors' init (AlignmentLayer._initialize_weights): Xavier, zero biases
             if isinstance(layer, nn.Linear):
                 nn.init.xavier_uniform_(layer.weight)
@@ -313,12 +326,13 @@ class Heads(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if args.paired_loss == "siglip" else None
 
     def forward(self, xi, xt):
-        """xi: (b, Di), xt: (b', Dt) frozen features -> L2-normalised (b, d), (b', d), scale, bias."""
-        f, g = F.normalize(self.image_head(xi), dim=-1), F.normalize(self.text_head(xt), dim=-1)
-        return f, g, self.logit_scale.exp(), self.logit_bias
+        """xi: (b, Di), xt: (b', Dt) frozen features -> L2-normalised f(xi) (b, d), g(xt) (b', d), scale, bias."""
+        zi, zt = F.normalize(self.image_head(xi), dim=-1), F.normalize(self.text_head(xt), dim=-1)
+        return zi, zt, self.logit_scale.exp(), self.logit_bias
 
 
 # ---------------------------------------------------------------------------- losses
+# The teachers' heads are plumbing.AffineHead, z = (x / ||x|| - mu) W, so that evaluate.py loads teacher.pt.
 # Teachers: X (n, Dx), Y (n, Dy) raw paired features (a row per image-caption pair), float64 inside. Each returns
 # {"mu_x", "W_x", "mu_y", "W_y"}: the image embedding is (x/||x|| - mu_x) W_x, the text one (y/||y|| - mu_y) W_y.
 
@@ -336,7 +350,8 @@ def cca(X, Y, reg=0.1, floor=1e-6) -> dict:
     rho (k,): the canonical correlations, descending; rho_i^2 are the eigenvalues of Cxx^{-1} Cxy Cyy^{-1} Cyx.
     C^{-1/2} from eigenvalues raised to at least `floor`, as the authors' teacher (optimal_transport/similarity.py,
     CCA.fit, eig_eps 1e-6): reg = 0 with n <= D (singular C) stays finite. They divide by n - 1, we by n (the
-    same as reg * (n - 1) / n: docs/FAITHFULNESS.md).
+    same as reg * (n - 1) / n: docs/FAITHFULNESS.md). Needs normalise_centre; import torch, torch.nn.functional as F.
+    Paste with: _normalise_centre; import torch, torch.nn.functional as F.
     """
     (X, mx), (Y, my), n = _normalise_centre(X), _normalise_centre(Y), len(X)
 
@@ -352,7 +367,8 @@ def cca(X, Y, reg=0.1, floor=1e-6) -> dict:
 
 def procrustes(X, Y, reg=0.0) -> dict:
     """Orthogonal Procrustes (Schoenemann 1966): W = argmin ||X W - Y||_F over W (Dx, Dy) with orthonormal columns
-    (rows if Dx < Dy), on L2-normalised, centred rows: X^T Y = U S V^T -> W = U V^T. Text side: identity. No reg."""
+    (rows if Dx < Dy), on L2-normalised, centred rows: X^T Y = U S V^T -> W = U V^T. Text side: identity. No reg.
+    Paste with: _normalise_centre; import torch, torch.nn.functional as F."""
     (X, mx), (Y, my) = _normalise_centre(X), _normalise_centre(Y)
     U, _, Vh = torch.linalg.svd(X.T @ Y, full_matrices=False)
     return {"mu_x": mx, "W_x": U @ Vh, "mu_y": my, "W_y": torch.eye(Y.shape[1], dtype=Y.dtype)}
@@ -361,7 +377,8 @@ def procrustes(X, Y, reg=0.0) -> dict:
 def ridge(X, Y, reg=0.1) -> dict:
     """Ridge regression from image to text features, on L2-normalised, centred rows:
     W = (X^T X / n + reg I)^{-1} X^T Y / n  (Dx, Dy), the minimiser of ||X W - Y||^2 / n + reg ||W||^2.
-    Text side: the identity. Least squares, so reg = 0 with n <= D gives the minimum-norm solution, not an error."""
+    Text side: the identity. Least squares, so reg = 0 with n <= D gives the minimum-norm solution, not an error.
+    Paste with: _normalise_centre; import torch, torch.nn.functional as F."""
     (X, mx), (Y, my) = _normalise_centre(X), _normalise_centre(Y)
     W = torch.linalg.lstsq(X.T @ X + len(X) * reg * torch.eye(X.shape[1], dtype=X.dtype), X.T @ Y).solution
     return {"mu_x": mx, "W_x": W, "mu_y": my, "W_y": torch.eye(Y.shape[1], dtype=Y.dtype)}
@@ -377,6 +394,7 @@ def csa(X, Y, reg=0.1, dim=0, floor=1e-6) -> dict:
     to the first `dim` directions (0 = all): W_x, W_y unweighted, rho the score's weights, which fit_teacher hands to
     the export (score_weights) so that evaluate.py ranks by s itself. CSA's CCA (cca_zoo) is unregularised: reg = 0.
     # deviation: rows are L2-normalised before centring, where CSA centres the raw features (docs/FAITHFULNESS.md).
+    Paste with: _normalise_centre, cca; import torch, torch.nn.functional as F.
     """
     T = cca(X, Y, reg, floor)
     k = min(dim or len(T["rho"]), len(T["rho"]))
@@ -387,8 +405,8 @@ TEACHER_FITS = {"cca": cca, "csa": csa, "procrustes": procrustes, "ridge": ridge
 
 
 def fit_teacher(pairs: dict, kind="cca", reg=0.1, dim=0, floor=1e-6, captions="rows") -> tuple:
-    """Stage 1: TEACHER_FITS[kind] on the pair features (main's dict) -> (image, text) AffineHeads in float32,
-    z = (x / ||x|| - mu) W. dim: CSA's directions kept (0 = all; the other teachers keep all); floor: cca's.
+    """Stage 1: TEACHER_FITS[kind] on the pair features {"image": (E, Di), "text": (C, Dt), "counts": (E,)} ->
+    (image, text) AffineHeads in float32, z = (x / ||x|| - mu) W. dim: CSA's directions kept (0 = all); floor: cca's.
     captions: rows, every (image, caption) row (ours; an image with c captions counts c times); mean, one row per image
     with its captions normalised, averaged and normalised again (the authors', roschmsi/vl-alignment-thesis@62a7c18,
     main.py). A CSA image head carries score_weights = rho: its score is sum_i rho_i xh_i yh_i (score_weighted)."""
@@ -400,8 +418,7 @@ def fit_teacher(pairs: dict, kind="cca", reg=0.1, dim=0, floor=1e-6, captions="r
     else:
         X, Y = pairs["image"].repeat_interleave(pairs["counts"], 0), pairs["text"]
     if kind in ("cca", "csa"):
-        options = {"floor": floor, **({"dim": dim} if kind == "csa" else {})}
-        T = TEACHER_FITS[kind](X, Y, reg, **options)
+        T = TEACHER_FITS[kind](X, Y, reg, **({"dim": dim} if kind == "csa" else {}), floor=floor)
     else:
         T = TEACHER_FITS[kind](X, Y, reg)
     heads = (AffineHead(*T["W_x"].shape), AffineHead(*T["W_y"].shape))
@@ -415,27 +432,39 @@ def fit_teacher(pairs: dict, kind="cca", reg=0.1, dim=0, floor=1e-6, captions="r
 
 def score_weighted(image_head, zi):
     """Normalised image embeddings zi (b, d) as the aligner's score sees them: times CSA's rho when the head carries
-    score_weights (then zi @ zt.T = sum_i rho_i xh_i yh_i), else unchanged (the cosine)."""
+    score_weights (then zi @ zt.T = sum_i rho_i xh_i yh_i), else unchanged (the cosine). Paste with: nothing else."""
     weights = getattr(image_head, "score_weights", None)
     return zi if weights is None else zi * weights.to(zi)
+
+
+@torch.no_grad()
+def teacher_similarity(teacher, xi, xt):
+    """K* (n, m), the teacher's similarity of n images and m texts: <T_x(x_i), T_y(y_j)> of the L2-normalised teacher
+    embeddings (CSA: rho-weighted, score_weighted), exactly what its export ranks by. teacher: fit_teacher's
+    (image, text) heads; xi: (n, Di), xt: (m, Dt) raw features. Computed per batch: 1M embeddings are not kept.
+    Paste with: score_weighted; import torch, torch.nn.functional as F."""
+    image_head, text_head = teacher
+    return score_weighted(image_head, F.normalize(image_head(xi), dim=-1)) @ F.normalize(text_head(xt), dim=-1).T
 
 
 def sinkhorn_log(C, eps, a=None, b=None, iters=100, tol=0.0, symmetric=True, check_every=10, compile=False):
     """Entropic optimal transport in the log domain (Cuturi 2013; Peyre & Cuturi 2019, Sec. 4.4; POT's sinkhorn_log):
 
         P = argmin_{P >= 0, P 1 = a, P^T 1 = b} <P, C> - eps H(P),   H(P) = -sum_ij P_ij (log P_ij - 1),
-        log P_ij = f_i + g_j - C_ij / eps, with the scaled dual potentials updated in POT's order
-        g_j <- log b_j - logsumexp_i(f_i - C_ij / eps),   f_i <- log a_i - logsumexp_j(g_j - C_ij / eps).
+        log P_ij = alpha_i + beta_j - C_ij / eps, with the scaled dual potentials alpha (n,), beta (m,) updated in
+        POT's order:  beta_j <- log b_j - logsumexp_i(alpha_i - C_ij / eps),
+                      alpha_i <- log a_i - logsumexp_j(beta_j - C_ij / eps).
 
     C: (..., n, m) costs, leading dims a batch of independent problems; eps: float or (...,) tensor, one per problem;
     a: (..., n), b: (..., m) positive marginals summing to 1 (default uniform). symmetric: the authors' symmetrised
     last half-step (ExplainableML/SOTAlign@4a810a1, src/klot.py, sinkhorn) in our update order: the potential updated
-    first in each iteration (here g) moves half-way to its next update, g <- (g + g') / 2, the other stays. The
-    columns then sum to sqrt(b c) (c: their sums before), the rows to P sqrt(b / c): neither marginal is exact and the
-    error of the last iteration is split between them.
+    first in each iteration (here beta) moves half-way to its next update, beta <- (beta + beta') / 2, the other stays.
+    The columns then sum to sqrt(b c) (c: their sums before), the rows to P sqrt(b / c): neither marginal is exact
+    and the error of the last iteration is split between them.
     tol > 0: stop once err <= tol, checked every `check_every` iterations (one device sync each, as POT); warn if
     still above after `iters`. compile: torch.compile the kernel (fuses the add into the reduction; for CUDA).
     Returns log P (..., n, m) and err (...,) = ||P 1 - a||_1 + ||P^T 1 - b||_1. Raises FloatingPointError on NaN.
+    Paste with: import math, warnings, torch.
     """
     n, m = C.shape[-2:]
     eps = torch.as_tensor(eps, dtype=C.dtype, device=C.device)
@@ -447,29 +476,30 @@ def sinkhorn_log(C, eps, a=None, b=None, iters=100, tol=0.0, symmetric=True, che
     def row_lse(M, p):  # (..., n, m), (..., m) -> (..., n): logsumexp_j(M_ij + p_j)
         return torch.logsumexp(M + p[..., None, :], -1)
     lse = torch.compile(row_lse, dynamic=False) if compile else row_lse
-    f, g = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    alpha, beta = torch.zeros_like(log_a), torch.zeros_like(log_b)  # the dual potentials of the rows, the columns
 
-    def error(f, g):
-        P = (M + f[..., :, None] + g[..., None, :]).exp()
+    def error(alpha, beta):
+        P = (M + alpha[..., :, None] + beta[..., None, :]).exp()
         return (P.sum(-1) - log_a.exp()).abs().sum(-1) + (P.sum(-2) - log_b.exp()).abs().sum(-1)
     for it in range(1, iters + 1):
-        g = log_b - lse(Mt, f)
-        f = log_a - lse(M, g)
-        if tol > 0 and it % check_every == 0 and it < iters and error(f, g).max() <= tol:
+        beta = log_b - lse(Mt, alpha)
+        alpha = log_a - lse(M, beta)
+        if tol > 0 and it % check_every == 0 and it < iters and error(alpha, beta).max() <= tol:
             break
     if symmetric:
         # Theirs updates rows then columns, then averages each potential with its update computed from the other's
         # *old* value: the rows move half-way, the columns' update from the unmoved rows is the columns themselves.
-        # Ours updates columns then rows, so the same step moves g half-way and leaves f (its update would be f).
-        g = (g + log_b - lse(Mt, f)) / 2
-    err = error(f, g)
+        # Ours updates columns then rows, so the same step moves beta half-way and leaves alpha (its update would
+        # be alpha).
+        beta = (beta + log_b - lse(Mt, alpha)) / 2
+    err = error(alpha, beta)
     if not torch.isfinite(err).all():
         raise FloatingPointError(f"sinkhorn_log: NaN/inf plan (eps {eps.tolist()}); the costs hold NaN/inf or eps "
                                  "is too small for the dtype")
     if tol > 0 and err.max() > tol:  # a constant message, so Python shows it once, not every step
         warnings.warn(f"sinkhorn_log: marginal error above tol={tol} after {iters} iterations; raise the iterations "
                       "or eps (the error is in the returned err)")
-    return M + f[..., :, None] + g[..., None, :], err
+    return M + alpha[..., :, None] + beta[..., None, :], err
 
 
 def klot(K, K_star, eps=0.05, eps_star=0.005, iters=100, tol=0.0, compile=False):
@@ -481,6 +511,7 @@ def klot(K, K_star, eps=0.05, eps_star=0.005, iters=100, tol=0.0, compile=False)
     L = (value - t).detach() + t,  t = sum_ij (P - P*)_ij K_ij / eps  with (P - P*) detached.
     K: (n, m) student similarities <f(x_i), g(y_j)> (differentiable); K_star: (n, m) teacher similarities (constant).
     Returns (L, {"ot": KL value, "ot_err": P's marginal error, "ot_err_t": P*'s}).
+    Paste with: sinkhorn_log; import math, warnings, torch.
     """
     with torch.no_grad():
         C = -torch.stack([K.detach(), K_star.to(K.dtype)])  # (2, n, m)
@@ -502,7 +533,8 @@ def siglip(x, y, scale, bias, xu=None, yu=None):
         so the pair block counts in both means, each unpaired block in one; unpaired against unpaired is not used.
 
     x, y: (N, d) normalised pair embeddings; scale, bias: scalars. Source: roschmsi/vl-alignment-thesis@62a7c18,
-    optimal_transport/matching.py (MatchingModel). Returns (L, {"sig": L})."""
+    optimal_transport/matching.py (MatchingModel). Returns (L, {"sig": L}).
+    Paste with: import torch, torch.nn.functional as F."""
     def side(anchors, targets):  # (N, d), (N + k, d) -> the mean of -log sigmoid over the (N, N + k) logits
         logits = scale * anchors @ targets.T + bias
         z = -torch.ones_like(logits)
@@ -519,7 +551,8 @@ def infonce(x, y, scale, xu=None, yu=None):
     """CLIP's InfoNCE on N pairs (Radford et al. 2021): L = 1/2 [ CE(scale x Y^T, diag) + CE(scale y X^T, diag) ],
     Y = [y; yu], X = [x; xu]: with unpaired negatives each image also competes against the unpaired texts and each
     text against the unpaired images. x, y: (N, d), xu: (n, d), yu: (m, d) normalised, or None. Each CE is a mean
-    over the N anchors, as CLIP's and STRUCTURE's (which fixes scale = 1 / 0.05: --tau 0.05 --fixed-tau)."""
+    over the N anchors, as CLIP's and STRUCTURE's (which fixes scale = 1 / 0.05: --tau 0.05 --fixed-tau).
+    Paste with: import torch, torch.nn.functional as F."""
     X, Y = (x, y) if xu is None else (torch.cat([x, xu]), torch.cat([y, yu]))
     target = torch.arange(len(x), device=x.device)
     i2t, t2i = F.cross_entropy(scale * x @ Y.T, target), F.cross_entropy(scale * y @ X.T, target)
@@ -536,6 +569,7 @@ def structure(E, A, tau=0.05, levels=1):
 
     E: (n, De) frozen features (constant), A: (n, d) head outputs. Returns R (scalar). The authors' level weights and
     margin are left out (# not specified in the paper; we use their defaults: L = 1, equal weights, no margin).
+    Paste with: import math, torch, torch.nn.functional as F.
     """
     def log_neighbours(Z):
         Z = F.normalize(Z, dim=-1)
@@ -553,6 +587,32 @@ def structure(E, A, tau=0.05, levels=1):
     return R / levels
 
 
+def objective(args: Args, z, scale, bias, K_star=None, frozen=None):
+    """SOTAlign's stage-2 loss on one global batch -> (L, parts):
+
+        L = L_pairs(f(x), g(y)) + lambda_OT KLOT(f(x_u) g(y_u)^T, K*)     [+ lambda_S (R_img + R_txt) / 2: STRUCTURE]
+
+    z: [f(x), g(y)] of the N pairs, (N, d) each, then [f(x_u), g(y_u)] of the unpaired batch, (n, d) and (m, d), if
+    any. L_pairs: siglip (or infonce), the unpaired embeddings its extra negatives with --unpaired-negatives.
+    K_star: (n, m) teacher similarities of the unpaired batch (teacher_similarity), None without KLOT. frozen: the
+    frozen features in z's order, for STRUCTURE's R (per modality, the pairs and the unpaired items together)."""
+    negatives = z[2:] if args.unpaired_negatives else []
+    if args.paired_loss == "siglip":
+        loss, parts = siglip(z[0], z[1], scale, bias, *negatives)
+    else:
+        loss, parts = infonce(z[0], z[1], scale, *negatives)
+    if args.lambda_structure:  # each modality over the whole batch, paired + unpaired (as SOTAlign's re-run)
+        r_img = structure(torch.cat(frozen[0::2]), torch.cat(z[0::2]), args.structure_tau, args.structure_levels)
+        r_txt = structure(torch.cat(frozen[1::2]), torch.cat(z[1::2]), args.structure_tau, args.structure_levels)
+        parts["struct"] = (r_img + r_txt) / 2
+        loss = loss + args.lambda_structure * parts["struct"]
+    if K_star is not None:  # K: the student's cosine similarities of the unpaired images and texts
+        l_ot, p_ot = klot(z[2] @ z[3].T, K_star, args.eps, args.eps_teacher, args.sinkhorn_iters, args.sinkhorn_tol,
+                          args.compile)
+        loss, parts = loss + args.lambda_ot * l_ot, {**parts, **p_ot}
+    return loss, parts
+
+
 # ---------------------------------------------------------------------------- train
 CKPT_FORMAT = "sotalign-checkpoint/1"
 
@@ -564,7 +624,7 @@ class Lion(torch.optim.Optimizer):
 
     with g the gradient and m its moving average (state "exp_avg", zeros at the start); the weight decay is decoupled
     (AdamW's form) and applies to every parameter given (the authors give all). Parameters without a gradient are
-    left alone."""
+    left alone. Paste with: import torch."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
@@ -584,106 +644,89 @@ class Lion(torch.optim.Optimizer):
                 m.mul_(beta2).add_(theta.grad, alpha=1 - beta2)
 
 
+def make_optimizer(model, args: Args):
+    """Lion, the authors' (main.py: Lion(model.parameters(), ...)): weight decay on every parameter; or CLIP's AdamW:
+    none on gains, biases, the scale."""
+    if args.optimizer == "lion":
+        return Lion(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(args.beta1, args.beta2))
+
+
 def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
-    """Stage 2 on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit.
-    pairs: the pairs' features (main); UI (U, Di), UT (V, Dt): unpaired features or None (stores or tensors);
-    teacher: its AffineHeads."""
-    # features stay float16 in their stores (or, on a GPU they fit, whole in float16: plumbing.on_device); each
-    # batch is gathered from them and cast to float32 (rows)
-    PI, PT, counts = on_device(pairs["image"], device), on_device(pairs["text"], device), pairs["counts"].to(device)
-    first = counts.cumsum(0) - counts  # (E,) index in PT of each entity's first caption
-    E = len(PI)
+    """Stage 2 on cached features -> (heads, metrics), or (None, None) when --stop-after-steps hit. pairs: the pair
+    features {"image": (E, Di), "text": (C, Dt), "counts": (E,)}; UI (U, Di), UT (V, Dt): the unpaired features or
+    None (stores or tensors); teacher: fit_teacher's heads. Each batch is read from the float16 stores (or, on a GPU
+    they fit, the whole stores in float16: on_device) and cast to float32."""
+    pair_images, pair_texts = on_device(pairs["image"], device), on_device(pairs["text"], device)
+    counts = pairs["counts"].to(device)
+    first = counts.cumsum(0) - counts  # (E,) row in pair_texts of each entity's first caption
+    E = len(pair_images)
     # unpaired batches are drawn only when a term uses them: KLOT, the extra negatives, STRUCTURE
     unpaired = UI is not None and (args.lambda_ot > 0 or args.unpaired_negatives or args.lambda_structure > 0)
-    ot = unpaired and args.lambda_ot > 0
-    Bp = max(min(args.paired_batch, E) // world, 1) * world  # multiples of world: each rank takes an equal slice
-    batch_sizes = (Bp,)  # (pairs,) or (pairs, unpaired images, unpaired texts) per step
+
+    def whole_ranks(n):  # a batch size that every rank takes an equal slice of
+        return max(n // world, 1) * world
+    n_pairs = whole_ranks(min(args.paired_batch, E))
+    batch_sizes = (n_pairs,)  # per step: (pairs,) or (pairs, unpaired images, unpaired texts)
     if unpaired:
-        UI, UT = on_device(UI, device), on_device(UT, device)
-        Bu = max(min(args.unpaired_batch, len(UI)) // world, 1) * world
-        Bv = max(min(args.unpaired_batch, len(UT)) // world, 1) * world
-        batch_sizes = (Bp, Bu, Bv)
-
-    def rows(X, idx):  # (len(idx), D) float32 on the device
-        return X[idx].to(device, torch.float32)
-
-    if ot:  # copies: the caller's teacher heads stay where they are
-        image_teacher = copy.deepcopy(teacher[0]).to(device)
-        text_teacher = copy.deepcopy(teacher[1]).to(device)
-
-    @torch.no_grad()
-    def K_star(ii, tt):  # the teacher's score (its cosine; CSA's rho-weighted), per batch: 1M embeddings are not kept
-        ti = score_weighted(image_teacher, F.normalize(image_teacher(rows(UI, ii)), dim=-1))  # (n, k)
-        tu = F.normalize(text_teacher(rows(UT, tt)), dim=-1)  # (m, k)
-        return ti @ tu.T
+        unpaired_images, unpaired_texts = on_device(UI, device), on_device(UT, device)
+        batch_sizes = (n_pairs, whole_ranks(min(args.unpaired_batch, len(UI))),
+                       whole_ranks(min(args.unpaired_batch, len(UT))))
+    if unpaired and args.lambda_ot > 0:  # copies: the caller's teacher heads stay where they are
+        teacher = tuple(copy.deepcopy(head).to(device) for head in teacher)
     # not specified in the paper; we use epoch = one pass over the larger unpaired set (over the pairs without it)
-    per_epoch = math.ceil(max(len(UI), len(UT)) / args.unpaired_batch) if unpaired else math.ceil(E / Bp)
+    per_epoch = math.ceil(max(len(UI), len(UT)) / args.unpaired_batch) if unpaired else math.ceil(E / n_pairs)
     total = args.steps or args.epochs * per_epoch
     torch.manual_seed(args.seed)  # head init; identical on every rank (DDP also broadcasts rank 0's weights)
-    model = Heads(PI.shape[-1], PT.shape[-1], args).to(device)
-    if args.optimizer == "lion":  # the authors' (main.py: Lion(model.parameters(), ...)): decay on every parameter
-        opt = Lion(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
-    else:  # CLIP's AdamW: no weight decay on gains, biases, scale
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        rest = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
-                                lr=args.lr, betas=(args.beta1, args.beta2))
+    model = Heads(pair_images.shape[-1], pair_texts.shape[-1], args).to(device)
+    opt = make_optimizer(model, args)
     # warm-up over ceil(warmup * total) steps, as the authors' main.py (ceil(0.1 * total)), then cosine
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, max(1, math.ceil(args.warmup * total))))
     ckpt, step, metrics = Path(args.out) / "checkpoint.pt", 0, {}
     if args.resume and ckpt.is_file():
-        step, metrics = load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args, model, opt, sched)
+        step, metrics = load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args, model, opt, sched, world)
         log(f"resumed {ckpt} at step {step}/{total}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt}; starting at step 0")
     ddp = DDP(model) if world > 1 else model
 
-    def mine(idx):  # this rank's slice of a global batch
-        return idx.view(world, -1)[rank]
-    log(f"training {method_name(args, unpaired)}: {E} pairs, batches {batch_sizes} x {world} rank(s) -> "
-        f"{total} steps")
+    def batch(X, idx):  # rows idx of X, (len(idx), D) float32 on the device
+        return X[idx].to(device, torch.float32)
 
-    def halt(why):
-        kept = f"{ckpt} (step {torch.load(ckpt, weights_only=True)['step']})" if ckpt.is_file() else "none"
-        raise SystemExit(f"{why} at step {step + 1}; stopping. Last good checkpoint: {kept}. Lower --lr, raise "
-                         "--eps/--eps-teacher, or check the features for NaN.")
+    def this_rank(idx):  # this rank's slice of a global batch
+        return idx.view(world, -1)[rank]
+    log(f"training {method_name(args, unpaired)}: {E} pairs, batches {batch_sizes} x {world} rank(s) -> {total} steps")
     tick, since = time.time(), step
     while step < total:
-        ent = draw(args.seed, 0, E, Bp, step).to(device)  # (Bp,) paired entities
+        ent = draw(args.seed, 0, E, n_pairs, step).to(device)  # (N,) paired entities
         # not specified in the paper; we use one random caption per paired image per step
-        pick = torch.rand(Bp, generator=generator(args.seed, 3, step)).to(device)
-        cap = first[ent] + (pick * counts[ent]).long()
-        xi, xt = [rows(PI, mine(ent))], [rows(PT, mine(cap))]
+        pick = torch.rand(n_pairs, generator=generator(args.seed, 3, step)).to(device)
+        caption = first[ent] + (pick * counts[ent]).long()
+        xi, xt = [batch(pair_images, this_rank(ent))], [batch(pair_texts, this_rank(caption))]
         if unpaired:
-            ii = draw(args.seed, 1, len(UI), Bu, step).to(device)  # (Bu,) unpaired images
-            tt = draw(args.seed, 2, len(UT), Bv, step).to(device)  # (Bv,) unpaired texts
-            xi.append(rows(UI, mine(ii)))
-            xt.append(rows(UT, mine(tt)))
+            image_ids = draw(args.seed, 1, len(UI), batch_sizes[1], step).to(device)  # (n,) unpaired images
+            text_ids = draw(args.seed, 2, len(UT), batch_sizes[2], step).to(device)  # (m,) unpaired texts
+            xi.append(batch(unpaired_images, this_rank(image_ids)))
+            xt.append(batch(unpaired_texts, this_rank(text_ids)))
         zi, zt, scale, bias = ddp(torch.cat(xi), torch.cat(xt))  # one forward: DDP wants one per backward
-        z = [zi[:Bp // world], zt[:Bp // world]] + ([zi[Bp // world:], zt[Bp // world:]] if unpaired else [])
-        raw = [xi[0], xt[0]] + xi[1:] + xt[1:]  # the frozen features in z's order (STRUCTURE compares with them)
+        b = n_pairs // world
+        z = [zi[:b], zt[:b], zi[b:], zt[b:]] if unpaired else [zi, zt]
+        frozen = [xi[0], xt[0], *xi[1:], *xt[1:]]  # the frozen features in z's order (STRUCTURE compares with them)
         if world > 1:  # the losses need whole batches; gradients flow back to each rank's slice
             z = [Gather.apply(x) for x in z]
-            raw = [Gather.apply(x) for x in raw] if args.lambda_structure else raw
-        negatives = z[2:] if args.unpaired_negatives else []  # (n, d) images, (m, d) texts
-        if args.paired_loss == "siglip":
-            loss, parts = siglip(z[0], z[1], scale, bias, *negatives)
-        else:
-            loss, parts = infonce(z[0], z[1], scale, *negatives)
-        if args.lambda_structure:  # each modality over the whole batch, paired + unpaired (as SOTAlign's re-run)
-            r_img = structure(torch.cat(raw[0::2]), torch.cat(z[0::2]), args.structure_tau, args.structure_levels)
-            r_txt = structure(torch.cat(raw[1::2]), torch.cat(z[1::2]), args.structure_tau, args.structure_levels)
-            parts["struct"] = (r_img + r_txt) / 2
-            loss = loss + args.lambda_structure * parts["struct"]
-        if ot:
-            try:  # K = student cosine similarities (n, m), K* = teacher's
-                l_ot, p_ot = klot(z[2] @ z[3].T, K_star(ii, tt), args.eps, args.eps_teacher,
-                                  args.sinkhorn_iters, args.sinkhorn_tol, args.compile)
-            except FloatingPointError as e:
-                halt(e)
-            loss, parts = loss + args.lambda_ot * l_ot, {**parts, **p_ot}
+            frozen = [Gather.apply(x) for x in frozen] if args.lambda_structure else frozen
+        K_star = None
+        if unpaired and args.lambda_ot > 0:
+            K_star = teacher_similarity(teacher, batch(unpaired_images, image_ids), batch(unpaired_texts, text_ids))
+        try:
+            loss, parts = objective(args, z, scale, bias, K_star, frozen)
+        except FloatingPointError as e:
+            stop(e, step, ckpt, "Raise --eps / --eps-teacher, lower --lr, or check the features for NaN.")
         if not torch.isfinite(loss):  # one sync per step, cheap next to the step; stops before the bad update
-            halt(f"non-finite loss {loss.item()} ({ {k: v.item() for k, v in parts.items()} })")
+            stop(f"non-finite loss {loss.item()} ({ {k: v.item() for k, v in parts.items()} })", step, ckpt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -701,7 +744,7 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
                 f" | {sum(batch_sizes) / dt:.0f} samples/s")
             tick, since = time.time(), step
         if rank == 0 and (step % args.ckpt_every == 0 or step == total):
-            save_checkpoint(ckpt, CKPT_FORMAT, model, opt, sched, step, args, metrics)
+            save_checkpoint(ckpt, CKPT_FORMAT, model, opt, sched, step, args, metrics, world)
         if step == args.stop_after_steps:
             log(f"stopping after step {step} (--stop-after-steps); continue with --resume")
             return None, None
@@ -710,7 +753,7 @@ def train(args: Args, pairs: dict, UI, UT, teacher, rank, world, device, log):
 
 # ---------------------------------------------------------------------------- export
 def export(path, method, heads, kind, args: Args, scale, bias, metrics):
-    """An aligner checkpoint evaluate.py loads (format in README.md), written atomically. heads: (image, text)."""
+    """An aligner export evaluate.py loads (format: docs/USAGE.md section 6), written atomically. heads: (f, g)."""
     def entry(h):
         if kind == "affine":
             return head_state(h, kind, h.W.shape[0], h.W.shape[1])
@@ -737,47 +780,43 @@ def r1(m) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-def check_run(args: Args, sizes: list, images: list):
+def check_run(args: Args, sizes: list, images: list, texts=(), world=1):
     """Everything checkable before extraction and before anything is written into --out; DataError if not.
-    images: every training image (pairs and unpaired), which no requested evaluation may score."""
-    check_folder(args.out, "--out")
-    check_folder(args.cache_dir, "--cache-dir")
-    aligner, ckpt = Path(args.out) / "aligner.pt", Path(args.out) / "checkpoint.pt"
-    if args.resume and ckpt.is_file():
-        load_checkpoint(ckpt, CKPT_FORMAT, RUN_ONLY, args)  # readable, and trained with these args
-    if not args.overwrite and (aligner.is_file() or ckpt.is_file() and not args.resume):
-        raise DataError(f"--out {args.out} holds a {'finished' if aligner.is_file() else 'started'} run; give another "
-                        "--out, pass --resume to continue a started run, or --overwrite to replace it")
+    images: every training image (pairs and unpaired), which no requested evaluation may score; texts: the unpaired
+    texts, none of which may be an evaluation caption."""
+    check_out(args, CKPT_FORMAT, RUN_ONLY, world)
     for flag, n in zip(("--pairs", "--unpaired-images", "--unpaired-texts"), sizes):  # the teacher needs 2 images
         if n < 2:
             raise DataError(f"{flag}: {n} {'entity' if flag == '--pairs' else 'item'}; training needs at least 2")
-    if args.eval:  # evaluate.py (beside this file) refuses an unknown task, or a train/test leak, now
-        import evaluate  # only --eval needs it: copying this file and plumbing.py is enough to train
-        evaluate.check_training_images(args.eval, args.dataset_root, images)
+    if args.eval:  # no evaluate.py beside this file, an unknown task, or a train/test leak: refused now
+        import_evaluate(__file__).check_training_images(args.eval, args.dataset_root, images, texts)
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    out = Path(args.out)
+    out, excluded = Path(args.out), read_exclude(args.exclude) if args.exclude else set()
     keys = (args.image_key or None, args.caption_key or None, args.sep or None, args.skip_bad_rows)
-    pairs = read_pairs(args.pairs, *keys, image_root=args.image_root or None, subset=args.subset)
+    pairs = read_pairs(args.pairs, *keys, image_root=args.image_root or None, subset=args.subset,
+                       cache_dir=args.cache_dir)
+    pairs = without(pairs, excluded)
     heldout = read_pairs(args.heldout, *keys) if args.heldout else None
     images = texts = None
-    excluded = read_exclude(args.exclude) if args.exclude else set()
-    pairs = without(pairs, excluded)
     if args.unpaired_images:
-        images = read_unpaired(args.unpaired_images, "image", args.image_key, args.sep, args.skip_bad_rows)
-        texts = read_unpaired(args.unpaired_texts, "text", args.caption_key, args.sep, args.skip_bad_rows)
+        images = read_unpaired(args.unpaired_images, "image", args.image_key, args.sep, args.skip_bad_rows,
+                               args.cache_dir)
+        texts = read_unpaired(args.unpaired_texts, "text", args.caption_key, args.sep, args.skip_bad_rows,
+                              args.cache_dir)
         images = [p for p in images if image_identity(p) not in excluded]
     if args.unpaired_from:
-        images, texts = halves(without(read_pairs(args.unpaired_from, *keys), excluded), pairs.images)
+        source = read_pairs(args.unpaired_from, *keys, cache_dir=args.cache_dir)
+        images, texts = halves(without(source, excluded), pairs.images)
     log(f"{args.pairs}: {len(pairs.images)} entities, {sum(map(len, pairs.captions))} captions"
         + (f"; unpaired: {len(images)} images, {len(texts)} texts" if images else "; no unpaired data"))
-    check_run(args, [len(x) for x in (pairs.images, images, texts) if x is not None],
-              pairs.images + (images or []))
-    encoders = {}  # the frozen encoders loaded so far (features loads one on its first cache miss)
+    check_run(args, [len(x) for x in (pairs.images, images, texts) if x is not None], pairs.images + (images or []),
+              texts or (), world)
+    encoders = {}  # the frozen encoders loaded so far (features loads one at its first missing shard)
 
     def pair_features(name, p):  # stores: {"image": (E, Di) clean views, "text": (C, Dt) all captions, "counts": (E,)}
         captions = [c for cs in p.captions for c in cs]
@@ -802,7 +841,7 @@ def main(argv=None):
     if heldout_feats:
         scores["heldout"] = recall_at_1(teacher, heldout_feats)
     log(f"teacher {args.teacher}: " + " | ".join(f"{k} R@1 {r1(v)}" for k, v in scores.items()))
-    # stage 2: heads trained with SigLIP on the pairs + lambda KLOT on the unpaired batches
+    # stage 2: the heads, SigLIP on the pairs + lambda KLOT on the unpaired batches (objective)
     model, metrics = train(args, pair_feats, UI, UT, teacher, rank, world, device, log)
     results, method = {}, method_name(args, images is not None)
     if model is not None and rank == 0:  # the run's results are written only now, each atomically
@@ -812,30 +851,20 @@ def main(argv=None):
         export(out / "teacher.pt", "csa" if args.teacher == "csa" else "sotalign-teacher", teacher, "affine", args,
                1.0, None, scores)
         export(out / "aligner.pt", method, (model.image_head, model.text_head), "mlp", args,
-               model.logit_scale.exp().item(), None if model.logit_bias is None else model.logit_bias.item(),
-               metrics)
+               model.logit_scale.exp().item(), None if model.logit_bias is None else model.logit_bias.item(), metrics)
         log(f"exported {out / 'aligner.pt'} ({method}) and {out / 'teacher.pt'}")
         for name in ("eval.json", "eval_teacher.json"):  # an --overwrite run: no earlier scores beside the new export
             (out / name).unlink(missing_ok=True)
-        if args.eval:  # evaluate.py on both exports -> their results, each with a one-line "summary"
-            import evaluate
-            def evaluate_export(aligner, output):
-                return evaluate.main(["--aligner", str(out / aligner), "--tasks", args.eval, "--output",
-                                      str(out / output), "--cache-dir", args.cache_dir, "--batch-size",
-                                      str(args.extract_batch_size), "--device", device,
-                                      "--dataset-root", args.dataset_root])
-            results = evaluate_export("aligner.pt", "eval.json")
-            teacher_results = evaluate_export("teacher.pt", "eval_teacher.json")
+        if args.eval:  # evaluate.py on both exports
+            results = run_eval(__file__, args, out / "aligner.pt", out / "eval.json", device)
+            teacher_results = run_eval(__file__, args, out / "teacher.pt", out / "eval_teacher.json", device)
             log(f"teacher: {teacher_results['summary']}")
-        atomic_save({"args": asdict(args), "command": sys.argv, "python": platform.python_version(),
-                     "versions": {n: metadata.version(n) for n in ("torch", "timm", "transformers", "open_clip_torch")},
-                     "host": platform.node(), "device": device, "world_size": world, "entities": len(pairs.images),
-                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-                     "teacher_R@1": scores, "metrics": metrics, "eval": results.get("mean")}, out / "manifest.json")
+        write_manifest(out / "manifest.json", args, device, world, entities=len(pairs.images),
+                       metrics=metrics, eval=results.get("mean"), **{"teacher_R@1": scores})
     leave(world)
     if model is not None:
-        log(f"sotalign {method} | seed {args.seed} | {metrics['step']} steps | final loss "
-            f"{metrics['loss']:.4f}" + (f" | {results['summary']}" if results else ""))
+        log(f"{method} (sotalign.py) | seed {args.seed} | {metrics['step']} steps | final loss {metrics['loss']:.4f}"
+            + (f" | {results['summary']}" if results else ""))
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def test_real_command_on_the_example_data_then_resume_then_evaluate(tmp_path):
     resumed = run(*command, "--resume", *(["--eval", "emoji"] if has_evaluate else []))
     assert "resumed" in resumed and "features: reusing" in resumed and "step 6/6" in resumed
     tail = resumed.strip().splitlines()[-1]
-    assert tail.startswith("sotalign sotalign | seed 0 | 6 steps | final loss"), tail
+    assert tail.startswith("sotalign (sotalign.py) | seed 0 | 6 steps | final loss"), tail
     full = run(*[x if x != str(out) else str(tmp_path / "full") for x in command])
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (out, tmp_path / "full"))
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)

