@@ -275,7 +275,7 @@ def check_tar(tar, cache_dir=None) -> dict:
             return json.loads(cache.read_text())
         except (OSError, ValueError):  # not checked yet (or the record is damaged): check it now
             pass
-    samples, bad, last_end = {}, [], 0
+    samples, bad, last_end, bad_images = {}, [], 0, 0
     try:
         with tarfile.open(tar) as f:
             for m in f:
@@ -286,10 +286,10 @@ def check_tar(tar, cache_dir=None) -> dict:
                 last_end = m.offset_data + math.ceil(m.size / 512) * 512  # data padded to 512-byte blocks
                 if m.isfile() and ext in TAR_IMAGES:
                     problem = check_image_bytes(f.extractfile(m).read(), ext)
-                    if problem:
+                    if problem:  # the sample is dropped; a caption member after it joins this record
                         bad.append(f"{tar}, member {m.name}: {problem}")
-                        samples.pop(key)  # the sample goes; its caption member, if later, starts a new dict
                         samples[key] = {"bad": True}
+                        bad_images += 1
                     else:
                         sample["image"] = f"{Path(tar).resolve()}{TAR_SEP}{m.name}@{m.offset_data}+{m.size}"
                 elif m.isfile() and ext == "txt":
@@ -316,7 +316,7 @@ def check_tar(tar, cache_dir=None) -> dict:
             expected = json.loads(stats.read_text())["successes"]
         except (ValueError, KeyError, TypeError):
             expected = None
-        if expected is not None and expected != len(kept) + sum(" member " in b for b in bad):
+        if expected is not None and expected != len(kept) + bad_images:  # img2dataset wrote the bad ones too
             bad.append(f"{tar}: {len(kept)} samples, {stats.name} says {expected}: the shard is cut short or was "
                        "changed; re-download it")
     result = {"samples": kept, "bad": bad}
@@ -887,7 +887,9 @@ def generator(*key) -> torch.Generator:
 
 def save_checkpoint(path, ckpt_format, model, opt, sched, step, args, metrics, world=1):
     """Everything --resume needs, atomically: heads (unwrapped), optimizer, scheduler, step, RNG states, args, the
-    number of processes. Each script's data order is a pure function of (seed, step), so step is its state."""
+    number of processes. Each script's data order is a pure function of (seed, step), so step is its state. The
+    temporaries a killed run left in --out go first (the first checkpoint is written after every check)."""
+    remove_stale_temporaries(Path(path).parent)
     atomic_save({"format": ckpt_format, "step": step, "world": world, "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -80,3 +80,14 @@ def test_evaluate_copied_beside_a_method_imports_without_its_data_folder(tmp_pat
     proc = run_alone(folder, "-c", "import evaluate; print(sorted(evaluate.resolve_tasks('emoji')))")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert run_alone(folder, "evaluate.py", "--help").returncode == 0
+
+
+@pytest.mark.parametrize("method", ["sma", "sotalign"])
+def test_eval_without_evaluate_beside_the_script_is_one_line_before_any_compute(tmp_path, tiny_data, method):
+    folder = copied(tmp_path / "mine", COPY[method])
+    data = ["--data" if method == "sma" else "--pairs", tiny_data / "pairs.csv"]
+    proc = run_alone(folder, f"{method}.py", *data, *TINY, "--out", "run", "--eval", "emoji")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--eval needs evaluate.py beside {method}.py" in lines[0]
+    assert not (folder / "run").exists() and not (folder / ".cache").exists()
