@@ -142,7 +142,7 @@ class Data:
     labels: list = None  # (N,) class index per image, where the reader knows it without decoding (cache key, checks)
     n_found: int = 0  # classes the data itself defines (class folders, label files); 0 = it defines none
     partial: str = ""  # why the result is partial (check_counts with --partial); "" = the whole split
-    stats: list = None  # (N,) (size, mtime_ns) of each of `files`, from check_files (cache key)
+    stats: list = None  # (N,) (size, mtime_ns, ctime_ns) of each of `files`, from check_files (cache key)
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -233,7 +233,8 @@ def special_file(folder):
 
 def check_files(paths, fix) -> list:
     """One stat per listed file, before any is read: DataError naming the first that is not a regular file (missing,
-    a dangling symlink, a FIFO, a folder) and how many are not. -> [(size, mtime_ns)] per file, for the cache key."""
+    a dangling symlink, a FIFO, a folder) and how many are not. -> [(size, mtime_ns, ctime_ns)] per file, for the
+    cache key."""
     stats, bad = [], []
     for p in paths:
         try:

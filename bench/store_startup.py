@@ -1,6 +1,7 @@
 """Benchmark (not a test): start-up of a run whose features are all cached, on a store of N x D float16 features.
 
-    python bench/store_startup.py --work /tmp/store --n 1000000 --dim 1024 --old 11c30f5 --out bench/store_startup_cpu.md
+    python bench/store_startup.py --work /tmp/store --n 1000000 --dim 1024 --old 11c30f5 \
+        --out bench/store_startup_cpu.md
 
 Builds one complete store with a random-feature stand-in encoder (no model), then times, in a fresh child process
 each, the call a training run makes before its first step, `extract(folder, n, load, batch)` on the complete store:

@@ -128,12 +128,11 @@ def stray_shard_and_stale_temporary(w):
 def encoder_module_changed(w):
     (w / "enc.py").write_text((ROOT / "tests" / "store_encoders.py").read_text())
     data, enc = pairs_csv(w), ["--image-encoder", "py:enc:image", "--text-encoder", "py:enc:text"]
-    first = run(ROOT / "sma.py", "--data", data, *enc, "--epochs", "1", "--batch-size", "4", "--dim", "8", "--hidden", "8",
-                "--cache-dir", w / "cache", "--out", w / "a", cwd=w)
+    small = ["--epochs", "1", "--batch-size", "4", "--dim", "8", "--hidden", "8", "--cache-dir", w / "cache"]
+    first = run(ROOT / "sma.py", "--data", data, *enc, *small, "--out", w / "a", cwd=w)
     assert first.returncode == 0, first.stderr[-2000:]
     (w / "enc.py").write_text((w / "enc.py").read_text().replace("DIM = 16", "DIM = 12"))  # same spec, other features
-    proc = run(ROOT / "sma.py", "--data", data, *enc, "--epochs", "1", "--batch-size", "4", "--dim", "8", "--hidden", "8",
-               "--cache-dir", w / "cache", "--out", w / "out", cwd=w)
+    proc = run(ROOT / "sma.py", "--data", data, *enc, *small, "--out", w / "out", cwd=w)
     assert "reusing" not in proc.stdout, proc.stdout
     return proc, {"recovers": []}
 
