@@ -56,8 +56,9 @@ from PIL import Image
 from tqdm import tqdm
 
 # The readers, encoders, heads and atomic writes evaluate.py shares with the training scripts (plumbing.py).
-from plumbing import (LEAK_TASKS, DataError, Encoder, arg, atomic_save, check_folder, head_from_state, load_encoder,
-                      parse_dataclass, read_cache, read_pairs, refuse_bad_entries, refuse_leak)
+from plumbing import (LEAK_TASKS, DataError, Encoder, arg, atomic_save, check_folder, encoder_identity,
+                      head_from_state, load_encoder, parse_dataclass, read_cache, read_pairs, refuse_bad_entries,
+                      refuse_leak)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
@@ -1065,13 +1066,14 @@ def modality_gap(image_emb, text_emb, pair_image, pair_text) -> dict:
 # ---------------------------------------------------------------------------- evaluation
 def image_features(model: Model, name, task, data: Data, args) -> dict:
     """encode_images of the task's images, cached. The key covers everything the cached features and labels depend
-    on: the image encoder, the ordered image files (path, size, mtime; a binary set's files), the labels the reader
-    took from its split and label files, the split and the root. Editing a split file changes the images listed or
-    their labels, so it misses the cache; so does a replaced image."""
+    on: the image encoder's spec and identity (plumbing.encoder_identity: a local model's files, a py: module's
+    source, the package versions), the ordered image files (path, size, mtime, ctime; a binary set's files), the
+    labels the reader took from its split and label files, the split and the root. Editing a split file changes the
+    images listed or their labels, so it misses the cache; so does a replaced image or encoder."""
     root = str(task_root(name, task, args).resolve())
     # "v3": v2 (large JPEGs decoded at reduced size, Image.draft in rgb_first) + labels and every set's files
-    key = fingerprint(["v3", name, root, task.split, len(data.images), model.specs["image"], data.labels],
-                      data.files, data.stats)
+    key = fingerprint(["v3", name, root, task.split, len(data.images), encoder_identity(model.specs["image"]),
+                       data.labels], data.files, data.stats)
     return cached(Path(args.cache_dir) / "eval" / f"{slug(name)}-image-{key}.pt",
                   lambda: encode_images(model.encoder("image"), data.images, args, f"{name} images", data.files))
 
@@ -1090,7 +1092,7 @@ def evaluate_task(model: Model, name, task, data: Data, args) -> dict:
         texts = [fill(t, c) for c in data.classnames for t in data.templates]  # (C*T,) class-major
     else:
         texts = [c for caps in data.captions for c in caps]
-    key = fingerprint([texts, model.specs["text"]])
+    key = fingerprint([texts, encoder_identity(model.specs["text"])])
     text_raw = cached(cache / f"text-{key}.pt", lambda: encode_texts(model.encoder("text"), texts, args,
                                                                      f"{name} texts"))
     text_emb = embed(model, "text", text_raw)
