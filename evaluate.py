@@ -57,8 +57,8 @@ from tqdm import tqdm
 
 # The readers, encoders, heads and atomic writes evaluate.py shares with the training scripts (plumbing.py).
 from plumbing import (LEAK_TASKS, DataError, Encoder, arg, atomic_save, check_folder, encoder_identity,
-                      head_from_state, load_encoder, parse_dataclass, read_cache, read_pairs, refuse_bad_entries,
-                      refuse_leak)
+                      head_from_state, load_encoder, one_line, parse_dataclass, read_cache, read_pairs,
+                      refuse_bad_entries, refuse_leak)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
@@ -169,15 +169,6 @@ class Transformed(torch.utils.data.Dataset):
             where = self.files[i] if self.files else f"image {i} of {len(self)}"
             raise DataError(f"{where}: cannot read the image ({type(e).__name__}: {one_line(e)}); replace the file "
                             "or extract the set again") from None
-
-
-def one_line(e) -> str:
-    """An error's message on one line. An error raised in a DataLoader worker arrives in the main process as the
-    worker's traceback text, whose last line is `module.Type: message`: that message is kept."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].partition(": ")[2]
-    return " ".join(text.split())
 
 
 def brief(e) -> str:

@@ -353,11 +353,11 @@ def undecodable(ref, e) -> DataError:
     traceback becomes its last line)."""
     member = tar_member(ref)
     where = f"{member[0]}, member {member[1]}" if member else ref
-    return DataError(f"{where}: cannot decode the image ({type(e).__name__}: {last_line(e)}); replace it, or name it "
+    return DataError(f"{where}: cannot decode the image ({type(e).__name__}: {one_line(e)}); replace it, or name it "
                      "in an --exclude file to train without it")
 
 
-def last_line(e) -> str:
+def one_line(e) -> str:
     """An exception's message on one line; from a DataLoader worker (whose message is its traceback) the last line."""
     text = str(e).strip()
     if "Original Traceback" in text:
@@ -1133,7 +1133,7 @@ def extract(folder, n, load, batch_size, workers=0, rank=0, world=1, desc="items
                     try:
                         batch = next(loader)
                     except DataError as e:  # from a worker: its message is the worker's traceback
-                        raise DataError(last_line(e)) from None
+                        raise DataError(one_line(e)) from None
                     rows.append(encode(batch).float().cpu())
                     bar.update(len(rows[-1]))
                 _write_shard(folder, j, torch.cat(rows), len(bounds))
