@@ -293,16 +293,18 @@ class Heads(nn.Module):
 # entity k is A_k = {zi[k, a]}. zt: (N, M, d) caption embeddings, the caption set T_l = {zt[l, t] : mask[l, t]};
 # mask: (N, M) bool, True for a real caption (every entity has >= 1), False for padding. scale = 1/tau (0-dim
 # tensor); s(x, y) = scale * <x, y>. eta: the SMI weight. PRISM = Kothawade et al. 2022 (SMI definitions);
-# SCoRe / SMILe = the authors' earlier losses (ICML 2024, ECCV 2024), whose code uses the smooth max below.
+# SCoRe / SMILe = the authors' earlier losses (ICML 2024, ECCV 2024); SMILe's code smooths max by a plain logsumexp
+# (amajee11us/SMILe-FSOD@09e6604, fsdet/modeling/contrastive_loss.py, FacilityLocation.forward), smax below is ours.
 
 def smax(x, mask=None, dim=-1):
     """Smooth max of a set along `dim`: smax(x) = log( (1/n) sum_j exp x_j ) = logsumexp(x) - log n, n = |set|.
 
     mask (same shape as x, bool): True for the set's members. max - log n <= smax <= max, and smax(c x) / c -> max
-    as c -> inf (the temperature 1/scale is the smoothing). Replaces max in FL scores, as in SCoRe / SMILe.
+    as c -> inf (the temperature 1/scale is the smoothing). Replaces max in FL scores, as SMILe's logsumexp does.
     Paste with: import math, torch.
     """
-    # not specified in the paper; we use logsumexp - log n for max, as the authors' SCoRe / SMILe code
+    # not specified in the paper; we use logsumexp - log n for max. deviation: SMILe's code has no - log n (plain
+    # logsumexp; docs/FAITHFULNESS.md): the same with equal set sizes, shifted by log n per set otherwise
     if mask is None:
         return torch.logsumexp(x, dim) - math.log(x.shape[dim])
     return torch.logsumexp(x.masked_fill(~mask, -torch.inf), dim) - mask.sum(dim).to(x.dtype).log()
@@ -430,7 +432,8 @@ def infonce(x, y, scale):
 
 def siglip(x, y, scale, bias):
     """SigLIP (Zhai et al. 2023, Eq. 1): L = -(1/N) sum_{k,l} log sigmoid(z_kl (scale <x_k, y_l> + bias)),
-    z_kl = 1 if k = l else -1; x, y: (N, d) normalised embeddings.
+    z_kl = 1 if k = l else -1; x, y: (N, d) normalised embeddings. Zhai's sum / N, not the mean over the N^2 logits
+    of SAIL's code and sotalign.siglip: N times theirs in value and gradient (docs/FAITHFULNESS.md).
     Paste with: import torch, torch.nn.functional as F."""
     logits = scale * x @ y.T + bias  # (N, N)
     z = 2 * torch.eye(len(x), dtype=x.dtype, device=x.device) - 1

@@ -321,6 +321,7 @@ class Heads(nn.Module):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
         # SigLIP: scale 20, bias -10 as the authors' runs (scripts/ot_train.sh) and SAIL; InfoNCE: CLIP's tau = 0.07
+        # (deviation: their code starts every loss at --logit_scale, default 10, i.e. tau 0.1; docs/FAITHFULNESS.md)
         tau = args.tau or (1 / 20 if args.paired_loss == "siglip" else 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=not args.fixed_tau)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if args.paired_loss == "siglip" else None
@@ -361,7 +362,9 @@ def cca(X, Y, reg=0.1, floor=1e-6) -> dict:
     Sx = inv_sqrt(X.T @ X / n + reg * torch.eye(X.shape[1], dtype=X.dtype))  # (Dx, Dx)
     Sy = inv_sqrt(Y.T @ Y / n + reg * torch.eye(Y.shape[1], dtype=Y.dtype))  # (Dy, Dy)
     U, rho, Vh = torch.linalg.svd(Sx @ (X.T @ Y / n) @ Sy, full_matrices=False)
-    k = int((rho > 1e-9 * rho[0]).sum())  # not specified in the paper; we drop rho = 0 (n < D): arbitrary bases
+    # not specified in the paper; we drop rho = 0 (n < D): arbitrary bases. deviation: the authors' CCA keeps all
+    # min(Dx, Dy); that moves K* of unseen items at small n (bench/faithful_effects.md section 7)
+    k = int((rho > 1e-9 * rho[0]).sum())
     return {"mu_x": mx, "W_x": Sx @ U[:, :k], "mu_y": my, "W_y": Sy @ Vh[:k].T, "rho": rho[:k]}
 
 

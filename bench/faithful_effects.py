@@ -2,10 +2,11 @@
 
   python bench/faithful_effects.py --cache-dir .cache/sweep      # after sweep.py filled that cache (emoji set)
 
-Writes bench/faithful_effects.md. Each section computes one difference both ways: our form and the authors' (written
-here from their definition, in our words). Data: the emoji set as sweep.py splits it (examples/emoji/train.csv, 20%
-validation by sha1 of the image path), the offline encoders EfficientNet-Lite0 + MiniLM; scores on the validation
-split (retrieval R@1 = (i2t + t2i) / 2, zero-shot acc1 on the held-out task's classes). CPU, 1 thread.
+Writes bench/faithful_effects.md (--sections picks some of 1-7; the file then holds only those). Each section
+computes one difference both ways: our form and the authors' (written here from their definition, in our words).
+Data: the emoji set as sweep.py splits it (examples/emoji/train.csv, 20% validation by sha1 of the image path), the
+offline encoders EfficientNet-Lite0 + MiniLM; scores on the validation split (retrieval R@1 = (i2t + t2i) / 2,
+zero-shot acc1 on the held-out task's classes). CPU, 1 thread.
 """
 import argparse
 import math
@@ -13,6 +14,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +73,42 @@ def their_structure_divergence(E, A, tau):
     return (kl(m, PA) + kl(m, PE)) / 2
 
 
+def release_sinkhorn(C, eps, iters):
+    """The release's loop (ExplainableML/SOTAlign@4a810a1, src/klot.py, sinkhorn), in our words: uniform marginals,
+    potentials f (rows) then g (columns) each iteration, all `iters` run, then f moves half-way to its next update
+    (g's update from the unmoved f is g itself). Returns log P (n, m)."""
+    n, m = C.shape
+    M = -C / eps
+    log_a = torch.full((n,), -math.log(n), dtype=C.dtype)
+    log_b = torch.full((m,), -math.log(m), dtype=C.dtype)
+    f, g = torch.zeros(n, dtype=C.dtype), torch.zeros(m, dtype=C.dtype)
+    for _ in range(iters):
+        f = log_a - torch.logsumexp(M + g[None, :], 1)
+        g = log_b - torch.logsumexp(M + f[:, None], 0)
+    f = (f + log_a - torch.logsumexp(M + g[None, :], 1)) / 2
+    return M + f[:, None] + g[None, :]
+
+
+def klot_grad(log_P, log_P_star, eps):
+    """KLOT's gradient with respect to K, (P - P*) / eps (their Theorem 5.1), from the two log plans."""
+    return (log_P.exp() - log_P_star.exp()) / eps
+
+
+def cca_all_components(X, Y, reg=0.1, floor=1e-6):
+    """so.cca without dropping the rho = 0 components: all min(Dx, Dy), as the development code's CCA keeps
+    (roschmsi/vl-alignment-thesis@62a7c18, optimal_transport/similarity.py, CCA.fit). When n < D the extra ones span
+    directions the pairs do not correlate on; the SVD picks their basis arbitrarily."""
+    (X, mx), (Y, my), n = so._normalise_centre(X), so._normalise_centre(Y), len(X)
+
+    def inv_sqrt(C):
+        e, Q = torch.linalg.eigh(C)
+        return (Q * e.clamp_min(floor).rsqrt()) @ Q.T
+    Sx = inv_sqrt(X.T @ X / n + reg * torch.eye(X.shape[1], dtype=X.dtype))
+    Sy = inv_sqrt(Y.T @ Y / n + reg * torch.eye(Y.shape[1], dtype=Y.dtype))
+    U, rho, Vh = torch.linalg.svd(Sx @ (X.T @ Y / n) @ Sy, full_matrices=False)
+    return {"mu_x": mx, "W_x": Sx @ U, "mu_y": my, "W_y": Sy @ Vh.T, "rho": rho}
+
+
 class DefaultInitHeads(so.Heads):
     """sotalign's heads with PyTorch's default Linear initialisation instead of the authors' Xavier (section 5)."""
 
@@ -85,7 +123,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", default=".cache/sweep")
     p.add_argument("--out", default=str(ROOT / "bench" / "faithful_effects.md"))
-    p.add_argument("--sections", default="1,2,3,4,5", help="which sections to compute (comma list)")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to compute (comma list)")
     a = p.parse_args()
     todo = {int(k) for k in a.sections.split(",")}
     torch.set_num_threads(1)
@@ -95,6 +133,7 @@ def main():
     pairs = sma.read_pairs(s.data)
     F_ = sma.features(pairs, sma.Args(data=s.data, image_encoder=s.image_encoder, text_encoder=s.text_encoder,
                                       views=s.views, cache_dir=s.cache_dir))
+    F_ = {**F_, "image": F_["image"].tensor().float(), "text": F_["text"].tensor().float()}  # as sweep.main does
     train_ids, val_ids = sweep.val_split(pairs, s.val_pct)
     held = sweep.load_tasks(s.heldout, {"image_encoder": s.image_encoder, "text_encoder": s.text_encoder},
                             s.cache_dir)
@@ -144,24 +183,32 @@ def main():
     # 3. STRUCTURE's divergence
     if 3 in todo:
         n = 256
-        E = F.normalize(F_["image"][train_ids[:n], 0].double(), dim=-1)  # unit rows: the noise below is relative
+        E = F.normalize(F_["image"][train_ids[:n]][:, 0].double(), dim=-1)  # unit rows: the noise below is relative
         D = E.shape[1]
         R = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64))[0]
         Q = R[:, :128]  # (D, 128) orthonormal columns: a projection onto 128 random directions
         L += ["## 3. STRUCTURE's divergence: the paper's JS (ours) against their code's 1/2 [KL(m||P_A) + KL(m||P_E)] "
-              f"(emoji image features, n = {n}, tau = 0.05)", "", "| aligned A | JS (ours) | theirs | theirs / ours |",
-              "|---|---|---|---|"]
+              f"(emoji image features, n = {n}, tau = 0.05); value, and the gradient norm ||dR/dA||_F that training "
+              "follows", "", "| aligned A | JS (ours) | theirs | theirs / ours | gradient norm ours | theirs | "
+              "theirs / ours |", "|---|---|---|---|---|---|---|"]
         random_head = torch.randn(D, 128, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
         noise = torch.randn(n, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64) / math.sqrt(D)
+        unrelated = torch.randn(n, 128, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
         for name, A in (("E R, R a rotation (the same geometry)", E @ R),
-                        ("E R + noise of norm 0.1 per (unit) row", E @ R + 0.1 * noise),
+                        ("E R + noise of norm 0.1 per (unit) row (near alignment)", E @ R + 0.1 * noise),
                         ("E R + noise of norm 0.3 per row", E @ R + 0.3 * noise),
                         ("E R + noise of norm 1 per row", E @ R + noise),
                         ("E Q, Q a projection onto 128 random directions", E @ Q),
-                        ("a random linear head (a bad start)", E @ random_head)):
-            ours, theirs = so.structure(E, A, 0.05).item(), their_structure_divergence(E, A, 0.05).item()
+                        ("a random linear head (a bad start)", E @ random_head),
+                        ("unrelated embeddings (Gaussian, independent of E)", unrelated)):
+            A = A.clone().requires_grad_()
+            ours, theirs = so.structure(E, A, 0.05), their_structure_divergence(E, A, 0.05)
+            g_ours = torch.autograd.grad(ours, A)[0].norm().item()
+            g_theirs = torch.autograd.grad(theirs, A)[0].norm().item()
+            ours, theirs = ours.item(), theirs.item()
             ratio = f"{theirs / ours:.3f}" if ours > 1e-12 else "–"
-            L.append(f"| {name} | {ours:.4g} | {theirs:.4g} | {ratio} |")
+            g_ratio = f"{g_theirs / g_ours:.3g}" if g_ours > 1e-12 else "–"
+            L.append(f"| {name} | {ours:.4g} | {theirs:.4g} | {ratio} | {g_ours:.3g} | {g_theirs:.3g} | {g_ratio} |")
         L.append("")
 
     # 4. CSA: ridge and score; the teacher's rows; covariance divisor; Procrustes
@@ -212,6 +259,77 @@ def main():
             theirs[1].W.copy_(Wy)
             L.append(f"| procrustes | {label} | ours (plain) / theirs (ZCA-whitened, reg 0.1) | – | {scores(ours)} / "
                      f"{scores(theirs)} |")
+        L.append("")
+
+    # 6. The Sinkhorn loop: order, orientation, early stop, against KLOT's gradient
+    if 6 in todo:
+        L += ["## 6. The Sinkhorn loop: KLOT's gradient (P - P*) / eps, eps 0.05, eps* 0.005, 100 iterations, "
+              "random 64-d unit vectors (student K) with a noisy copy (teacher K*), and emoji features", "",
+              "Relative difference ||G - G_ours||_F / ||G_ours||_F, G_ours: sotalign.sinkhorn_log at tol 0 (all 100 "
+              "iterations). L1 marginal error of P* after 100 iterations (ours): the teacher's plan has not converged.",
+              "", "| case | P* marginal error | release on K (images x texts) | release on K^T (texts x images), "
+              "transposed | ours, --sinkhorn-tol 1e-3 (the default) |", "|---|---|---|---|---|"]
+        quarter = sweep.run_data(F_, train_ids, round(0.25 * len(train_ids)), 0, False)["pairs"]
+        teacher = so.fit_teacher(quarter, "cca", 0.1)
+        rest = sweep.subset(F_, val_ids)  # items outside the teacher's fit stand in for the unpaired sets
+        UI, UT = rest["image"][:, 0].double(), rest["text"].double()
+        cases = []
+        for seed, (n, m) in enumerate(((128, 128), (256, 256), (256, 128), (1024, 1024))):
+            gen = torch.Generator().manual_seed(20 + seed)
+            x = F.normalize(torch.randn(n, 64, generator=gen, dtype=torch.float64), dim=-1)
+            y = F.normalize(torch.randn(m, 64, generator=gen, dtype=torch.float64), dim=-1)
+            K_star = x @ y.T + 0.3 * torch.randn(n, m, generator=gen, dtype=torch.float64)  # mostly agrees with K
+            cases.append((f"random, {n} x {m}", x @ y.T, K_star))
+        for seed, n in enumerate((128, min(256, len(UI), len(UT)))):  # emoji: CCA teacher, random 128-d linear student
+            gen = torch.Generator().manual_seed(30 + seed)
+            xi, xt = UI[:n], UT[:n]
+            Wi = torch.randn(xi.shape[1], 128, generator=gen, dtype=torch.float64)
+            Wt = torch.randn(xt.shape[1], 128, generator=gen, dtype=torch.float64)
+            K = F.normalize(F.normalize(xi, dim=-1) @ Wi, dim=-1) @ F.normalize(F.normalize(xt, dim=-1) @ Wt, dim=-1).T
+            cases.append((f"emoji 25%: CCA K*, random head K, {n} x {n}", K,
+                          so.teacher_similarity(teacher, xi.float(), xt.float()).double()))
+        for name, K, K_star in cases:
+            ours = [so.sinkhorn_log(-k, e, iters=100)[0] for k, e in ((K, 0.05), (K_star, 0.005))]
+            err_star = so.sinkhorn_log(-K_star, 0.005, iters=100)[1].item()
+            G = klot_grad(*ours, 0.05)
+            rel = lambda H: ((H - G).norm() / G.norm()).item()  # noqa: E731
+            release = klot_grad(release_sinkhorn(-K, 0.05, 100), release_sinkhorn(-K_star, 0.005, 100), 0.05)
+            release_t = klot_grad(release_sinkhorn(-K.T, 0.05, 100).T, release_sinkhorn(-K_star.T, 0.005, 100).T, 0.05)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tol = klot_grad(so.sinkhorn_log(-K, 0.05, iters=100, tol=1e-3)[0],
+                                so.sinkhorn_log(-K_star, 0.005, iters=100, tol=1e-3)[0], 0.05)
+            L.append(f"| {name} | {err_star:.2e} | {100 * rel(release):.2f}% | {100 * rel(release_t):.1e}% | "
+                     f"{100 * rel(tol):.1e}% |")
+        L.append("")
+
+    # 7. CCA's rho = 0 components (n < D): dropped (ours) or kept (theirs), K* on items outside the fit
+    if 7 in todo:
+        L += ["## 7. CCA teacher, reg 0.1: rho = 0 components dropped (ours) or kept (the development code), K* on the "
+              "validation entities (not in the fit)", "",
+              "| budget | rows fitted | components ours / theirs | rel. diff of K* (Frobenius) | same top text per "
+              "image | same top image per text | scores ours / theirs |", "|---|---|---|---|---|---|---|"]
+        held_out = sweep.subset(F_, val_ids)
+        vi, val_texts = held_out["image"][:, 0], held_out["text"]  # (E_val, Di), (captions, Dt)
+        for frac in (0.05, 0.25, 1.0):
+            P = sweep.run_data(F_, train_ids, round(frac * len(train_ids)), 0, False)["pairs"]
+            rows = P["image"].repeat_interleave(P["counts"], 0)
+            kept = {}
+            fits = (("ours", so.cca(rows, P["text"], 0.1)), ("theirs", cca_all_components(rows, P["text"], 0.1)))
+            for name, T in fits:
+                heads = (so.AffineHead(*T["W_x"].shape), so.AffineHead(*T["W_y"].shape))
+                for h, side in zip(heads, "xy"):
+                    h.mu.copy_(T[f"mu_{side}"])
+                    h.W.copy_(T[f"W_{side}"])
+                kept[name] = (heads, T["W_x"].shape[1])
+            Ko = so.teacher_similarity(kept["ours"][0], vi, val_texts).double()  # (E_val, captions)
+            Kt = so.teacher_similarity(kept["theirs"][0], vi, val_texts).double()
+            rel = ((Ko - Kt).norm() / Kt.norm()).item()
+            same_i = (Ko.argmax(1) == Kt.argmax(1)).double().mean().item()
+            same_t = (Ko.argmax(0) == Kt.argmax(0)).double().mean().item()
+            L.append(f"| {round(100 * frac)}% | {len(rows)} | {kept['ours'][1]} / {kept['theirs'][1]} | {rel:.3f} | "
+                     f"{100 * same_i:.1f}% | {100 * same_t:.1f}% | {scores(kept['ours'][0])} / "
+                     f"{scores(kept['theirs'][0])} |")
         L.append("")
 
     # 5. Optimiser, init, batch: siglip-pairs at 25%, 300 steps, seeds 0-2
