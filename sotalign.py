@@ -424,12 +424,18 @@ def fit_teacher(pairs: dict, kind="cca", reg=0.1, dim=0, floor=1e-6, captions="r
         T = TEACHER_FITS[kind](X, Y, reg, **({"dim": dim} if kind == "csa" else {}), floor=floor)
     else:
         T = TEACHER_FITS[kind](X, Y, reg)
+    heads = affine_heads(T)
+    if kind == "csa":
+        heads[0].score_weights = T["rho"].float()  # (k,) a plain attribute: the head's state stays evaluate.py's
+    return heads
+
+
+def affine_heads(T: dict) -> tuple:
+    """A teacher's {"mu_x", "W_x", "mu_y", "W_y"} as (image, text) AffineHeads in float32."""
     heads = (AffineHead(*T["W_x"].shape), AffineHead(*T["W_y"].shape))
     for h, side in zip(heads, "xy"):
         h.mu.copy_(T[f"mu_{side}"])
         h.W.copy_(T[f"W_{side}"])
-    if kind == "csa":
-        heads[0].score_weights = T["rho"].float()  # (k,) a plain attribute: the head's state stays evaluate.py's
     return heads
 
 

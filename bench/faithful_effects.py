@@ -252,11 +252,7 @@ def main():
                 return (V * e.clamp_min(1e-6).rsqrt()) @ V.T
             Wx, Wy = zca(Xc, 0.1), zca(Yc, 0.1)
             U, _, Vh = torch.linalg.svd(Wx @ (Xc.T @ Yc / (len(Xc) - 1)) @ Wy, full_matrices=False)
-            theirs = (so.AffineHead(Xc.shape[1], Yc.shape[1]), so.AffineHead(Yc.shape[1], Yc.shape[1]))
-            theirs[0].mu.copy_(mx)
-            theirs[0].W.copy_(Wx @ U @ Vh)
-            theirs[1].mu.copy_(my)
-            theirs[1].W.copy_(Wy)
+            theirs = so.affine_heads({"mu_x": mx, "W_x": Wx @ U @ Vh, "mu_y": my, "W_y": Wy})
             L.append(f"| procrustes | {label} | ours (plain) / theirs (ZCA-whitened, reg 0.1) | – | {scores(ours)} / "
                      f"{scores(theirs)} |")
         L.append("")
@@ -317,11 +313,7 @@ def main():
             kept = {}
             fits = (("ours", so.cca(rows, P["text"], 0.1)), ("theirs", cca_all_components(rows, P["text"], 0.1)))
             for name, T in fits:
-                heads = (so.AffineHead(*T["W_x"].shape), so.AffineHead(*T["W_y"].shape))
-                for h, side in zip(heads, "xy"):
-                    h.mu.copy_(T[f"mu_{side}"])
-                    h.W.copy_(T[f"W_{side}"])
-                kept[name] = (heads, T["W_x"].shape[1])
+                kept[name] = (so.affine_heads(T), T["W_x"].shape[1])
             Ko = so.teacher_similarity(kept["ours"][0], vi, val_texts).double()  # (E_val, captions)
             Kt = so.teacher_similarity(kept["theirs"][0], vi, val_texts).double()
             rel = ((Ko - Kt).norm() / Kt.norm()).item()
