@@ -56,9 +56,9 @@ from PIL import Image
 from tqdm import tqdm
 
 # The readers, encoders, heads and atomic writes evaluate.py shares with the training scripts (plumbing.py).
-from plumbing import (LEAK_TASKS, DataError, Encoder, arg, atomic_save, check_folder, encoder_identity,
-                      head_from_state, load_encoder, one_line, parse_dataclass, read_cache, read_pairs,
-                      refuse_bad_entries, refuse_leak)
+from plumbing import (LEAK_TASKS, NEAR_COPY_COSINE, DataError, Encoder, arg, atomic_save, check_folder,
+                      encoder_identity, head_from_state, load_encoder, near_copies, one_line, parse_dataclass,
+                      read_cache, read_pairs, refuse_bad_entries, refuse_leak)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
@@ -747,6 +747,30 @@ def check_training_images(spec, dataset_root, images, texts=()):
         if data is not None:
             refuse_leak(images, name, data.files, task_root(name, tasks[name], where) / LEAK_TASKS[name], texts,
                         [c for caps in data.captions or () for c in caps])
+
+
+def check_near_copies(spec, dataset_root, cache_dir, image_encoder, train_features, train_images, device="cpu",
+                      threshold=NEAR_COPY_COSINE):
+    """After a training run's extraction, before its training, with --eval `spec`: DataError when a training image's
+    frozen features lie within `threshold` cosine of a requested evaluation split's image (plumbing.near_copies): a
+    copy re-encoded or resized, whose bytes check_training_images cannot match. The split's features are this
+    module's, cached (the --eval run after training reads them back). train_features: rows of `train_images`."""
+    tasks = resolve_tasks(spec)
+    args = Args(dataset_root=dataset_root, partial=True, cache_dir=cache_dir, device=str(device))
+    model = Model("near-copy check", {"image": image_encoder, "text": ""}, {}, str(device))
+    for name in sorted(LEAK_TASKS.keys() & tasks.keys()):
+        data, _ = read_task(name, tasks[name], args)
+        if data is None:
+            continue
+        found = near_copies(train_features, image_features(model, name, tasks[name], data, args)["features"], threshold)
+        if found:
+            row, test, cos = max(found, key=lambda f: f[2])
+            raise DataError(f"{len(found)} of the {len(train_images)} training images are near copies of "
+                            f"{name} test images (frozen-feature cosine >= {threshold}; e.g. "
+                            f"{train_images[row]} ~ {data.files[test]}, {cos:.3f}): re-encoded or resized, the "
+                            "evaluation would score images the heads were trained on. Remove them from the training "
+                            "data (or --exclude them by their file names); if they are distinct pictures, raise "
+                            "--near-copy-cosine")
 
 
 # ---------------------------------------------------------------------------- embedding and caching

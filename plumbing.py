@@ -418,7 +418,7 @@ def refuse_leak(train_images, task, eval_images, split_file, train_texts=(), eva
     an evaluation image's name (image_identity), or its bytes under another name (a renamed copy, a hard link, a .JPG
     copy: content_copies), or an evaluation caption among the training texts (--unpaired-texts, exact match).
     split_file: the file naming the task's images, which --exclude takes. A re-encoded or resized copy (img2dataset
-    re-encodes) has other bytes and is not caught here."""
+    re-encodes) has other bytes: near_copies catches it once the features are extracted, before training."""
     scored = {image_identity(p) for p in eval_images}
     overlap = sum(image_identity(p) in scored for p in train_images)
     fix = (f"Drop them with --exclude {split_file}, or train on a split without them (COCO: Karpathy train + "
@@ -461,6 +461,27 @@ def content_copies(train_images, eval_images) -> list:
     candidates = [ref for ref in train_images if size(ref) in by_size]
     hashes = {digest(ref) for c in {size(ref) for ref in candidates} for ref in by_size[c]}
     return [ref for ref in candidates if digest(ref) in hashes]
+
+
+# A training image this close to an evaluation image in the frozen image features is a copy re-encoded or resized
+# (bench/near_copies_cpu.md: on the emoji set with EfficientNet-Lite0, every JPEG or resized copy scores above it and
+# no distinct image does)
+NEAR_COPY_COSINE = 0.95
+
+
+def near_copies(train_features, eval_features, threshold=NEAR_COPY_COSINE, chunk=16384) -> list:
+    """(training row, evaluation row, cosine) for each training image whose frozen features lie within `threshold`
+    cosine of an evaluation image's: a copy with other bytes (re-encoded, resized: img2dataset writes such), which
+    content_copies misses. train_features: (N, D) or (N, K, D) (view 0 is the clean one), a tensor or a Store, read
+    `chunk` rows at a time, so memory is chunk x (D + n_eval) floats whatever N."""
+    Y = F.normalize(eval_features.float(), dim=-1)
+    found = []
+    for start in range(0, len(train_features), chunk):
+        X = train_features[torch.arange(start, min(start + chunk, len(train_features)))].float()
+        X = F.normalize(X[:, 0] if X.ndim == 3 else X, dim=-1)
+        best, nearest = (X @ Y.T).max(1)
+        found += [(start + i, int(nearest[i]), float(best[i])) for i in torch.nonzero(best >= threshold).flatten()]
+    return found
 
 
 # ---------------------------------------------------------------------------- frozen encoders
@@ -818,8 +839,28 @@ def parse_dataclass(cls, description, argv=None):
 
 
 # ---------------------------------------------------------------------------- training
-def setup(device_flag: str):
-    """(rank, world, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
+def launch_ranks(nproc: int, script: str, argv):
+    """--nproc-per-node N: run `script argv` as N ranks on this machine, as `torchrun --standalone --nproc-per-node N`
+    does, with torch's launcher inside this process. A rank's error then ends the run with the rank's own one line and
+    exit status: torchrun itself adds a ChildFailedError traceback after any failed rank, which no rank can stop."""
+    import logging
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as launcher_args, run
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):  # its notes on OMP and on stopping ranks
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(launcher_args(["--standalone", f"--nproc-per-node={nproc}", script, *argv]))
+    except ChildFailedError as e:  # the rank has said why on stderr
+        code = e.get_first_failure()[1].exitcode
+        sys.exit(code if code > 0 else 1)
+    sys.exit(0)
+
+
+def setup(device_flag: str, nproc=1, argv=None):
+    """(rank, world, device). Under torchrun (or --nproc-per-node N, which starts the N ranks and returns only in
+    them): one process per GPU (NCCL), or per CPU process (gloo). argv: the command's arguments (None: sys.argv)."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        launch_ranks(nproc, sys.argv[0], sys.argv[1:] if argv is None else [str(a) for a in argv])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Before the group exists: torch._dynamo (imported later by timm, DDP or torch.compile) imports
         # torch.distributed modules whose functions default to `group=dist.group.WORLD`. Imported after the init, those

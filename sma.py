@@ -25,7 +25,7 @@ Commands:
       --hidden 1024 --batch-size 256 --epochs 30 --lr 3e-4   # offline demo, real encoders, each image set 3 artists'
       # drawings: 2 min 41 s, 2.2 GB peak RSS on 2 idle CPU cores (cold cache); emoji acc1 37.1, i2t R@1 17.5
   python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
-  torchrun --nproc_per_node=N sma.py ...               # extraction sharded over ranks, heads trained with DDP
+  python sma.py ... --nproc-per-node N                 # N ranks (or torchrun): extraction sharded, heads under DDP
 Writes: <cache-dir>/sma-image-<hash>/, sma-text-<hash>/ (float16 feature stores of K views, of all captions,
   reused by later runs; docs/SCALE.md),
   <out>/checkpoint.pt (complete training state, atomic), <out>/manifest.json (args, versions, device, metrics),
@@ -69,6 +69,9 @@ class Args:
                  required=True)
     exclude: str = arg("", "drop the images named in this file (COCO captions json, or one image per line), by file "
                            "name: e.g. the Karpathy test split before --eval mscoco")
+    near_copy_cosine: float = arg(0.95, "with --eval mscoco / flickr30k: refuse training images this close to a test "
+                                        "image in the frozen features (re-encoded or resized copies); 1 turns it off",
+                                  gt=0)
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title` or `caption`, whichever the header has)")
     sep: str = arg("", "column separator ('' = sniffed from the header)")
@@ -108,6 +111,8 @@ class Args:
                         "needs evaluate.py beside this file)")
     dataset_root: str = arg("datasets", "--eval: evaluate.py's --dataset-root (a dataset in <root>/<task>/)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
+    nproc_per_node: int = arg(1, "N > 1: run as N ranks on this machine (torchrun --standalone's launcher, in this "
+                                 "process: a rank's error is its one line, without torchrun's traceback)", ge=1)
     workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
     extract_batch_size: int = arg(64, "images or captions per encoder call during extraction", ge=1)
     log_every: int = arg(10, "log a line every this many steps", ge=1)
@@ -573,7 +578,7 @@ def check_run(args: Args, entities, world, images: list):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup(args.device)
+    rank, world, device = setup(args.device, args.nproc_per_node, argv)
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
     pairs = read_pairs(args.data, args.image_key or None, args.caption_key or None, args.sep or None,
@@ -589,6 +594,9 @@ def main(argv=None):
     sets = image_sets(pairs, args.depictions)  # a bad --depictions file stops here, before any compute
     check_run(args, len(pairs.images), world, pairs.images)
     feats = features(pairs, args, rank, world, device, sets)
+    if args.eval and args.near_copy_cosine < 1:  # a re-encoded or resized test image: other bytes, caught here
+        import_evaluate(__file__).check_near_copies(args.eval, args.dataset_root, args.cache_dir, args.image_encoder,
+                                                    feats["image"], pairs.images, device, args.near_copy_cosine)
     model, metrics = train(args, feats, rank, world, device, log)
     results = {}
     if model is not None and rank == 0:  # the run's results are written only now, each atomically

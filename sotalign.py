@@ -26,7 +26,7 @@ Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
       # pairs its heads score below their CCA teacher (emoji zero-shot acc1 16.6 vs 19.4, retrieval R@1 ~2%)
   python sotalign.py --pairs 'cc3m/00000.tar' --unpaired-from 'cc3m/{00001..00200}.tar'   # the authors' setting
   python sotalign.py --pairs coco:coco/annotations/captions_train2017.json --subset 10000 ...  # COCO pairs
-  python sotalign.py ... --resume     # continue <out>/checkpoint.pt | torchrun --nproc_per_node=N sotalign.py ...
+  python sotalign.py ... --resume     # continue <out>/checkpoint.pt | ... --nproc-per-node N (or torchrun): N ranks
 Writes: <cache-dir>/sotalign-<set>-<modality>-<hash>/ (a float16 feature store per input set, docs/SCALE.md),
   <out>/teacher.pt and aligner.pt (the exports evaluate.py loads; format: docs/USAGE.md section 6), checkpoint.pt
   (training state, atomic), manifest.json, eval.json and eval_teacher.json (with --eval).
@@ -78,6 +78,9 @@ class Args:
                                  "captions of the other")
     exclude: str = arg("", "drop the training images named in this file (COCO captions json, or one image per line), "
                            "by file name: e.g. the Karpathy test split before --eval mscoco")
+    near_copy_cosine: float = arg(0.95, "with --eval mscoco / flickr30k: refuse training images this close to a test "
+                                        "image in the frozen features (re-encoded or resized copies); 1 turns it off",
+                                  gt=0)
     heldout: str = arg("", "held-out pairs file: the teacher's and the heads' retrieval R@1 on it are printed")
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title`, `caption` or `text`, whichever the header has)")
@@ -138,6 +141,8 @@ class Args:
     eval: str = arg("", "evaluate.py tasks to run on the teacher and the heads at the end, e.g. `emoji` ('' = none; "
                         "needs evaluate.py beside this file)")
     device: str = arg("", "cpu | cuda | cuda:N ('' = cuda if available)")
+    nproc_per_node: int = arg(1, "N > 1: run as N ranks on this machine (torchrun --standalone's launcher, in this "
+                                 "process: a rank's error is its one line, without torchrun's traceback)", ge=1)
     workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
     extract_batch_size: int = arg(64, "images or texts per encoder call during extraction", ge=1)
     log_every: int = arg(10, "log a line every this many steps", ge=1)
@@ -803,7 +808,7 @@ def check_run(args: Args, sizes: list, images: list, texts=(), world=1):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup(args.device)
+    rank, world, device = setup(args.device, args.nproc_per_node, argv)
     log = print if rank == 0 else (lambda *a, **k: None)
     out, excluded = Path(args.out), read_exclude(args.exclude) if args.exclude else set()
     keys = (args.image_key or None, args.caption_key or None, args.sep or None, args.skip_bad_rows)
@@ -842,6 +847,12 @@ def main(argv=None):
         UI = features("unpaired", "image", images, args, encoders, rank, world, device)
         UT = features("unpaired", "text", texts, args, encoders, rank, world, device)
     encoders.clear()  # frees the frozen encoders before training
+    if args.eval and args.near_copy_cosine < 1:  # a re-encoded or resized test image: other bytes, caught here
+        near_copies = import_evaluate(__file__).check_near_copies
+        for store, names in ((pair_feats["image"], pairs.images), (UI, images)):
+            if store is not None:
+                near_copies(args.eval, args.dataset_root, args.cache_dir, args.image_encoder, store, names, device,
+                            args.near_copy_cosine)
     # stage 1: the teacher, closed form, fitted in float64
     pair_dense = dense(pair_feats)
     teacher = fit_teacher(pair_dense, args.teacher, args.teacher_reg, args.csa_dim, args.eig_floor,

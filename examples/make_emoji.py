@@ -1,13 +1,14 @@
 """Build the shipped example set examples/emoji/: every emoji drawn by four artists, described by several sources.
 
 Entities are the fully-qualified emoji of emojibase-data without skin-tone or hair-style variants that all four
-artists draw. Each gets one 64x64 palette PNG on white per artist (Google Noto, Twitter Twemoji, Microsoft Fluent
-flat, OpenMoji) and its descriptions from independent sources (CLDR short name and keywords, the Unicode name,
-emojilib's community keywords, GitHub and Slack shortcodes). The entities are split by a hash into train /
+artists draw; an emoji and its variants (gender, direction: families()) fall on one side of the split. Each gets one
+64x64 palette PNG on white per artist (Google Noto, Twitter Twemoji, Microsoft Fluent flat, OpenMoji) and its
+descriptions from independent sources (CLDR short name and keywords, the Unicode name,
+emojilib's community keywords, GitHub and Slack shortcodes). The families are split by a hash into train /
 validation / held-out, and OpenMoji is held out of training entirely (a style never seen in training). The files it
 writes and their roles are listed in examples/emoji/README.md, which quotes the counts this script prints.
 
-    python examples/make_emoji.py [--out DIR] [--packs DIR]    # default: examples/emoji; about 5 min on 2 cores
+    python examples/make_emoji.py [--out DIR] [--packs DIR]    # default: examples/emoji; about 30 s on 2 cores
 
 Inputs: the pinned npm packages of PACKAGES, fetched with `npm pack NAME@VERSION` into a temporary folder (or read
 from --packs, a folder of those .tgz files) and checked against their SHA-256; never downloaded at run time of the
@@ -46,8 +47,19 @@ SIZE = 64  # pixels per side, every artist (the emoji-datasource PNGs are drawn 
 ARTISTS = {"noto": "Apache-2.0", "twemoji": "CC-BY-4.0", "fluent": "MIT", "openmoji": "CC-BY-SA-4.0"}
 TRAIN_ARTISTS = ["noto", "twemoji", "fluent"]  # depictions an entity has in training (noto first: the pairs image)
 HELD_OUT_ARTIST = "openmoji"  # never in any training file: the style-shift tasks
-# entity split on sha1(entity id) % 100: train below 56, validation 56-69, held-out from 70 (as the old set's 70/30)
+# split on sha1(family id) % 100: train below 56, validation 56-69, held-out from 70 (as the old set's 70/30); a
+# family is an emoji with its variants (families() below), its id the smallest entity id in it
 TRAIN_PCT, VAL_PCT = 56, 70
+# Family rules. Person forms read as one: man / woman / person, boy / girl / child, old man / old woman / older person
+PERSON_FORMS = {"1f468": "person", "1f469": "person", "1f9d1": "person", "1f466": "child", "1f467": "child",
+                "1f9d2": "child", "1f474": "older", "1f475": "older", "1f9d3": "older"}
+VARIANT_MARKS = {"200d", "2640", "2642", "27a1"}  # ZWJ, female sign, male sign, rightwards arrow ("facing right")
+# words that tell variants apart in a CLDR name: the person forms and the directions (a held-out "left arrow" whose
+# "right arrow" was trained on is the same drawing turned); "left luggage" / "luggage" is the one tie it adds in error
+VARIANT_WORDS = re.compile(r"\b(man|woman|person|men|women|people|boy|girl|child|facing|left|right|up|down|"
+                           r"leftwards|rightwards|upwards|downwards)\b")
+# The gendered forms whose neutral one has its own code point and another name; no package records this triple
+NEUTRAL_FORMS = [("1f934", "1f478", "1fac5")]  # prince, princess, person with crown (the neutral form, Emoji 14)
 HAIR = {"1F9B0", "1F9B1", "1F9B2", "1F9B3"}  # hair-style components: their sequences are variants
 MIN_CLASS = 3  # a subgroup is a zero-shot class when it has at least this many held-out entities
 PAIRED_FRAC = 0.05  # SOTAlign inputs: fraction of the train entities kept as true pairs
@@ -173,6 +185,68 @@ def description_sources(pkg: dict) -> dict:
             "iamcal": codes("iamcal"), "unicode_name": {key(g["unified"]): g["name"] or "" for g in google}}
 
 
+def code_key(entity_id: str) -> str:
+    """Family rule 1: the code points without ZWJ, gender signs and the "facing right" arrow, person forms as one."""
+    return "-".join(PERSON_FORMS.get(c, c) for c in entity_id.split("-") if c not in VARIANT_MARKS)
+
+
+def name_key(label: str) -> str:
+    """Family rule 2: the CLDR name without the VARIANT_WORDS ("" for "person", "man" alone: nothing to compare)."""
+    return re.sub(r"\s+", " ", VARIANT_WORDS.sub("", label)).strip(" :,-")
+
+
+def families(ents: list, pkg: dict) -> dict:
+    """entity id -> family id: an emoji and its variants, so that a split never puts "man frowning" in training and
+    "person frowning" in the held-out set. Two entities are one family when any of these ties them:
+      1. their code points agree once gender signs, the "facing right" arrow and ZWJ are dropped and the person forms
+         are read as one (PERSON_FORMS): person / man / woman frowning, man cook / cook, ... walking: facing right;
+      2. their CLDR names agree once the VARIANT_WORDS (person forms, directions) are dropped: man dancing / woman
+         dancing (two code points), men's room / women's room, left arrow / right arrow, thumbs up / thumbs down;
+      3. emoji-datasource records that one obsoletes the other (runner -> man running);
+      4. one is a ZWJ sequence that starts from the other, not a person form: black cat / cat, heart on fire / red
+         heart, polar bear / bear;
+      5. one is named "X face" and the other "X": the head and the whole animal (cat face / cat), the moon with a
+         face (full moon face / full moon);
+      6. NEUTRAL_FORMS, listed by hand.
+    The family id is its smallest entity id, so an emoji without variants keeps its own id (and its split)."""
+    ids = {e["id"] for e in ents}
+    parent = {i: i for i in ids}
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(members):
+        members = sorted(root(i) for i in members)
+        for i in members[1:]:
+            parent[i] = members[0]
+
+    by_key = {}
+    for e in ents:
+        by_key.setdefault(("code", code_key(e["id"])), []).append(e["id"])
+        name = name_key(e["label"])
+        if name:  # "person", "man" alone leave nothing to compare
+            by_key.setdefault(("name", name), []).append(e["id"])
+        first = e["id"].split("-")[0]
+        if "200d" in e["id"] and first in ids and first not in PERSON_FORMS:
+            by_key.setdefault(("base", first), [first]).append(e["id"])
+    by_label = {e["label"]: e["id"] for e in ents}
+    for e in ents:
+        if e["label"].endswith(" face") and e["label"][:-len(" face")] in by_label:
+            by_key[("face", e["id"])] = [e["id"], by_label[e["label"][:-len(" face")]]]
+    for members in by_key.values():
+        join(members)
+    for g in json.loads((pkg["emoji-datasource-google"] / "emoji.json").read_text("utf-8")):
+        pair = [key(g["unified"]), key(g.get("obsoletes") or "")]
+        if all(i in ids for i in pair):
+            join(pair)
+    for triple in NEUTRAL_FORMS:
+        join([i for i in triple if i in ids])
+    return {i: root(i) for i in ids}
+
+
 # ---------------------------------------------------------------------------- images
 def render(kind: str, path: Path) -> bytes:
     """A SIZE x SIZE 256-colour palette PNG on white: the artist's drawing as its package frames it (not cropped)."""
@@ -254,9 +328,12 @@ def main():
                 missing.update(k for k, v in drawn.items() if not v)
                 continue
             e["descriptions"], e["drawn"] = descriptions(e, extra), drawn
-            h = int(hashlib.sha1(e["id"].encode()).hexdigest(), 16) % 100
-            e["split"] = "train" if h < TRAIN_PCT else "val" if h < VAL_PCT else "heldout"
             ents.append(e)
+        family = families(ents, pkg)
+        for e in ents:  # a family falls on one side: the hash of its id decides for all its members
+            e["family"] = family[e["id"]]
+            h = int(hashlib.sha1(e["family"].encode()).hexdigest(), 16) % 100
+            e["split"] = "train" if h < TRAIN_PCT else "val" if h < VAL_PCT else "heldout"
         for d in ("images", "zeroshot"):  # only the folders this script owns
             shutil.rmtree(a.out / d, ignore_errors=True)
         jobs = [(artist, e) for e in ents for artist in ARTISTS]
@@ -324,6 +401,14 @@ def main():
           f"entity; {shared_rows} of {n_rows} (entity, description) rows ({100 * shared_rows / n_rows:.1f}%) "
           f"carry such a shared one; most shared: "
           + ", ".join(f"{d!r} {n}" for d, n in owners.most_common(5)))
+    sizes = Counter(Counter(e["family"] for e in ents).values())
+    print(f"families: {sum(sizes.values())}; " + ", ".join(f"{n} of {k}" for k, n in sorted(sizes.items()))
+          + " entities; a family is on one side of the split")
+    train_sets = [set(e["descriptions"]) for e in train]
+    half_shared = sum(any(2 * len(set(e["descriptions"]) & t) >= len(set(e["descriptions"]) | t) for t in train_sets)
+                      for e in held)
+    print(f"held-out entities sharing at least half of the pooled descriptions (Jaccard >= 0.5) with one train "
+          f"entity: {half_shared} of {len(held)}")
     print(f"held-out descriptions also in train: {sum(d in train_desc for d in held_desc)} of {len(held_desc)}; "
           f"class names that are train descriptions: {sum(CLASSNAMES[c] in train_desc for c in classes)} of "
           f"{len(classes)}")

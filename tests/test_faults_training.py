@@ -6,6 +6,7 @@ A new fault kind is a new row. Stand-in encoders (tests/store_encoders.py): a fe
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ TARS = ROOT / "tests" / "data" / "tars"
 EMOJI = ROOT / "examples" / "emoji"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 ENC = ["--image-encoder", "py:store_encoders:image", "--text-encoder", "py:store_encoders:text"]
+LITE0 = ["--image-encoder", "offline:efficientnet-lite0"]  # a real encoder, where features must mean something
 
 
 def run(*argv, cwd=ROOT):
@@ -221,10 +223,36 @@ def eval_captions_as_unpaired_texts(w):
     return proc, {"refused": ["1 of the 3 training texts are mscoco_captions test captions"]}
 
 
+def near_copy(w, test_image, name):
+    """What img2dataset writes of a test image: resized and re-encoded as JPEG (other bytes, the same picture)."""
+    Image.open(test_image).resize((128, 128), Image.BICUBIC).save(w / name, quality=75)
+    return name
+
+
+def resized_copy_of_a_test_image(w):
+    test = sorted((w / "datasets" / "mscoco_captions" / "val2014").glob("*.jpg"))
+    lines = ["image,caption"] + [f"{EMOJI}/images/noto/{p.name},caption {i}" for i, p in enumerate(
+        sorted((EMOJI / "images" / "noto").glob("*.png"))[10:14])] + [f"{near_copy(w, test[0], 'b.jpg')},a photo"]
+    (w / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return sma(w, w / "pairs.csv", "--eval", "mscoco", "--dataset-root", w / "datasets", *LITE0), {
+        "refused": ["1 of the 5 training images are near copies of mscoco_captions test images", "b.jpg ~ "]}
+
+
+def resized_copy_among_unpaired_images(w):
+    data = pairs_csv(w)
+    test = sorted((w / "datasets" / "mscoco_captions" / "val2014").glob("*.jpg"))
+    (w / "images.csv").write_text(f"image\n{EMOJI}/images/noto/1f600.png\n{near_copy(w, test[1], 'c.jpg')}\n")
+    (w / "texts.txt").write_text("something\nelse\n")
+    proc = sotalign(w, data, "--unpaired-images", w / "images.csv", "--unpaired-texts", w / "texts.txt",
+                    "--unpaired-batch", "2", "--eval", "mscoco", "--dataset-root", w / "datasets", *LITE0)
+    return proc, {"refused": ["1 of the 2 training images are near copies of mscoco_captions test images"]}
+
+
 ROWS = [truncated_jpeg, truncated_jpeg_skipped, not_an_image, tar_cut_at_a_member_edge, stats_disagree,
         index_json_damaged, stray_shard_and_stale_temporary, encoder_module_changed, image_replaced_keeping_mtime,
         colons_in_a_file_name, resume_with_other_ranks]
 LEAK_ROWS = [renamed_copy_of_a_test_image, eval_captions_as_unpaired_texts]
+NEAR_COPY_ROWS = [resized_copy_of_a_test_image, resized_copy_among_unpaired_images]  # caught after extraction
 
 
 def check(proc, want, w):
@@ -256,3 +284,25 @@ def test_a_leak_by_content_is_refused_before_any_compute(mutation, leak_root):
     proc, want = mutation(leak_root)
     check(proc, want, leak_root)
     assert not (leak_root / "cache").exists() or not list((leak_root / "cache").glob("s*-*")), "features computed"
+
+
+@pytest.mark.parametrize("mutation", NEAR_COPY_ROWS, ids=[f.__name__ for f in NEAR_COPY_ROWS])
+def test_a_near_copy_of_a_test_image_is_refused_before_training(mutation, leak_root):
+    proc, want = mutation(leak_root)
+    # the test split's features are embedded first, with their progress bar (the --eval run reads them back)
+    bars = re.compile(r"^mscoco_captions images: +\d+%\|")
+    proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if line.strip() and not bars.match(line))
+    check(proc, want, leak_root)
+
+
+@pytest.mark.parametrize("script", ["sma.py", "sotalign.py"])
+def test_a_user_error_under_two_ranks_is_each_ranks_one_line(script, tmp_path):
+    """--nproc-per-node 2 (torchrun's launcher in the script's process): a pairs file naming a missing image ends
+    both ranks with their one line and exit status 2; no launcher traceback (ChildFailedError) follows."""
+    data = pairs_csv(tmp_path)
+    data.write_text(data.read_text() + "missing.png,a caption\n")
+    proc = (sma if script == "sma.py" else sotalign)(tmp_path, data, "--nproc-per-node", "2")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert lines and all(line.startswith("error: ") and "missing.png" in line for line in lines), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

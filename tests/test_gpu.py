@@ -133,7 +133,7 @@ def test_sma_on_cuda_end_to_end_cut_resumed_equals_uninterrupted(tmp_path, capsy
     log = capsys.readouterr().out
     assert "resumed" in log and "features: reusing" in log
     full, cut = checkpoint(tmp_path / "full"), checkpoint(tmp_path / "cut")
-    assert full["step"] == cut["step"] == 14  # 931 // 128 = 7 steps per epoch
+    assert full["step"] == cut["step"] == 14  # 945 // 128 = 7 steps per epoch
     for k, v in full["model"].items():
         assert torch.allclose(v, cut["model"][k], rtol=0, atol=1e-5), k
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())

@@ -225,7 +225,7 @@ def test_real_command_on_the_example_data_then_resume_then_evaluate(cache_dir, t
     cut = subprocess.run(command + ["--stop-after-steps", "5"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=600)
     assert cut.returncode == 0, cut.stderr[-3000:]
-    assert "931 entities" in cut.stdout and "stopping after step 5" in cut.stdout
+    assert "945 entities" in cut.stdout and "stopping after step 5" in cut.stdout
     has_evaluate = (ROOT / "evaluate.py").is_file()
     resumed = subprocess.run(command + ["--resume"] + (["--eval", "emoji"] if has_evaluate else []), cwd=ROOT,
                              env=ENV, capture_output=True, text=True, timeout=600)
