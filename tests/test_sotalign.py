@@ -189,7 +189,7 @@ def test_ridge_is_the_regularised_least_squares_solution():
 # ---------------------------------------------------------------- data
 def test_unpaired_readers_name_the_file_and_the_row(tmp_path):
     images = so.read_unpaired(EMOJI / "unpaired_images.csv", "image")
-    assert len(images) == 442 and all(Path(p).is_absolute() for p in images)
+    assert len(images) == 449 and all(Path(p).is_absolute() for p in images)
     folder = tmp_path / "imgs" / "deeper"
     folder.mkdir(parents=True)
     for p in images[:3]:
@@ -205,7 +205,7 @@ def test_unpaired_readers_name_the_file_and_the_row(tmp_path):
         so.read_unpaired(bad, "image")
     assert so.read_unpaired(bad, "image", skip_bad_rows=True) == images[:1]
     texts = so.read_unpaired(EMOJI / "unpaired_texts.txt", "text")
-    assert len(texts) == 4957 and texts[0] == "copyright"
+    assert len(texts) == 5064 and texts[0] == "copyright"
     txt = tmp_path / "t.txt"
     txt.write_bytes(b"one\ntwo\n\xff three\n")
     with pytest.raises(so.DataError, match=r"t\.txt, row 3: not UTF-8"):
@@ -295,7 +295,7 @@ def run(*argv, timeout=600):
 
 def test_real_command_on_the_example_data_then_resume_then_evaluate(tmp_path):
     """`python sotalign.py --pairs examples/emoji/sotalign_pairs.csv --unpaired-images ... --unpaired-texts ...`
-    (47 paired entities + 442 unpaired images + 4957 texts; tiny encoders, a few steps), cut short, resumed with
+    (47 paired entities + 449 unpaired images + 5064 texts; tiny encoders, a few steps), cut short, resumed with
     --eval emoji, then the export evaluated again by evaluate.py; and a cut + resumed run equals an uninterrupted
     one."""
     cache, out = tmp_path / "cache", tmp_path / "run"
@@ -305,7 +305,7 @@ def test_real_command_on_the_example_data_then_resume_then_evaluate(tmp_path):
                "--steps", "6", "--unpaired-batch", "64", "--dim", "64", "--lr", "1e-3", "--log-every", "1",
                "--ckpt-every", "2"]
     cut = run(*command, "--stop-after-steps", "3")
-    assert "47 entities, 512 captions; unpaired: 442 images, 4957 texts" in cut and "stopping after step 3" in cut
+    assert "47 entities, 507 captions; unpaired: 449 images, 5064 texts" in cut and "stopping after step 3" in cut
     assert "teacher cca: train R@1" in cut and "heldout R@1" in cut
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2 and not (out / "aligner.pt").exists()
     has_evaluate = (ROOT / "evaluate.py").is_file()
@@ -347,7 +347,7 @@ def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path):
                 "--no-compile"]  # 46 of the 47 pairs: a batch both process counts can split evenly
     one = run(*command("cache1", "one"))
     two = run("-m", "torch.distributed.run", "--nproc_per_node=2", *command("cache2", "two"))
-    assert "batches (46, 64, 64) x 2 rank(s)" in two and "features: 442 unpaired images" in two  # extracted, not read
+    assert "batches (46, 64, 64) x 2 rank(s)" in two and "features: 449 unpaired images" in two  # extracted, not read
     for part in ("pairs-image", "unpaired-image", "unpaired-text"):
         a, b = (plumbing.Store(next((tmp_path / d).glob(f"sotalign-{part}-*"))).tensor() for d in ("cache1", "cache2"))
         assert torch.equal(a, b), part  # shard j is encoded in the same batches whichever rank encodes it
