@@ -762,7 +762,8 @@ def check_near_copies(spec, dataset_root, cache_dir, image_encoder, train_featur
         data, _ = read_task(name, tasks[name], args)
         if data is None:
             continue
-        found = near_copies(train_features, image_features(model, name, tasks[name], data, args)["features"], threshold)
+        test_features = image_features(model, name, tasks[name], data, args)["features"]
+        found = near_copies(train_features, test_features, threshold)
         if found:
             row, test, cos = max(found, key=lambda f: f[2])
             raise DataError(f"{len(found)} of the {len(train_images)} training images are near copies of "
