@@ -57,8 +57,8 @@ from tqdm import tqdm
 
 # The readers, encoders, heads and atomic writes evaluate.py shares with the training scripts (plumbing.py).
 from plumbing import (LEAK_TASKS, NEAR_COPY_COSINE, DataError, Encoder, arg, atomic_save, check_folder,
-                      encoder_identity, head_from_state, load_encoder, near_copies, one_line, parse_dataclass,
-                      read_cache, read_pairs, refuse_bad_entries, refuse_leak)
+                      encoder_identity, head_from_state, keep_freed_memory, load_encoder, loader_workers,
+                      near_copies, one_line, parse_dataclass, read_cache, read_pairs, refuse_bad_entries, refuse_leak)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "clip_benchmark"  # CLIP_benchmark's English class names and templates (MIT, see LICENSE)
@@ -106,7 +106,7 @@ class Args:
                                      "caption, a row without an image) instead of skipping the task")
     cache_dir: str = arg(".cache", "features are cached in <cache_dir>/eval/ (delete it to recompute)")
     batch_size: int = arg(256, "images (and texts) per encoder call", ge=1)
-    workers: int = arg(min(8, os.cpu_count() or 1), "dataloader worker processes", ge=0)
+    workers: int = arg(-1, "DataLoader workers for image decoding (-1: 0 on CPU, min(8, cores) on CUDA)", ge=-1)
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device: cpu | cuda | cuda:N")
     output: str = arg("", "results JSON, a name ending in .json (default <aligner folder>/eval.json; with --model, "
                           "results/eval_<model>_<pretrained>.json under the current folder). It holds this run only: "
@@ -904,11 +904,13 @@ def encode_images(encoder: Encoder, images, args, desc, files=()) -> dict:
     """{"features": (N, D) raw encoder features, "labels": (N,)}, in dataset order. files: (N,) the image paths, named
     by the DataError a bad image raises."""
     loader = torch.utils.data.DataLoader(Transformed(images, encoder.transform, files), batch_size=args.batch_size,
-                                         num_workers=args.workers, pin_memory=args.device.startswith("cuda"))
+                                         num_workers=loader_workers(args.workers, args.device),
+                                         pin_memory=args.device.startswith("cuda"))
     feats, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", disable=desc is None):  # desc None: no bar (load_aligner)
-        feats.append(encoder.encode(x).cpu())
-        labels.append(torch.as_tensor(y))
+    with keep_freed_memory(not args.device.startswith("cuda")):  # 2-4x faster on a CPU (plumbing)
+        for x, y in tqdm(loader, desc=desc, unit="batch", disable=desc is None):  # desc None: no bar (load_aligner)
+            feats.append(encoder.encode(x).cpu())
+            labels.append(torch.as_tensor(y))
     return {"features": torch.cat(feats), "labels": torch.cat(labels)}
 
 

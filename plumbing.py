@@ -19,6 +19,8 @@ This file holds what all three would otherwise each carry a copy of:
 Copy it with whichever script you take (README.md, "Copy a method").
 """
 import argparse
+import contextlib
+import ctypes
 import hashlib
 import csv
 import errno
@@ -485,6 +487,12 @@ def near_copies(train_features, eval_features, threshold=NEAR_COPY_COSINE, chunk
 
 
 # ---------------------------------------------------------------------------- frozen encoders
+# Images per forward pass on a CPU, whatever the caller's batch: a small batch's activations stay in the caches.
+# EfficientNet-Lite0 on 2 cores, fp32: 8 at a time ran 1.7x faster than 64 and peaked 0.35 GB lower, with
+# bit-identical features (bench/cpu_encoding_cpu.md).
+CPU_IMAGE_BATCH = 8
+
+
 @dataclass
 class Encoder:
     """A frozen encoder. `encode(batch)` -> (B, dim) float32 features.
@@ -505,8 +513,11 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, batch):
+        cuda = str(self.device).startswith("cuda")
+        if not cuda and self.modality == "image" and len(batch) > CPU_IMAGE_BATCH:
+            return torch.cat([self.encode(part) for part in batch.split(CPU_IMAGE_BATCH)])
         # bf16 autocast on CUDA (frozen weights, features are cached); plain fp32 on CPU.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(self.device).startswith("cuda")):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             return self.forward(batch).float()
 
 
@@ -552,6 +563,41 @@ def importable_from_working_folder():
     script's folder on sys.path, not the working folder, so it is added (last)."""
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+
+
+# glibc's malloc returns a large freed block to the OS at once (mmap, above 128 KiB to 32 MiB by its dynamic rule)
+# and trims a free heap top. An encoder on a CPU frees and reallocates every activation each batch, so each batch
+# faulted its pages in again: on 2 cores EfficientNet-Lite0 spent as long in the kernel as in its convolutions.
+# While encoding, both thresholds are raised so that freed memory serves the next batch (2x faster at 8 images per
+# forward, same peak memory, bit-identical features); afterwards the kept memory goes back. bench/cpu_encoding_cpu.md
+# has the measurements; KEEP_FREED_MMAP=0 in the environment turns it off.
+KEEP_FREED_MMAP = int(os.environ.get("KEEP_FREED_MMAP", 2**28))  # blocks below this come from the heap
+KEEP_FREED_TRIM = int(os.environ.get("KEEP_FREED_TRIM", 2**29))  # a free heap top is kept up to this
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+@contextlib.contextmanager
+def keep_freed_memory(on_cpu=True):
+    """Inside: glibc keeps freed memory for reuse (see above). On leaving the outermost one: glibc's own limits once
+    more (32 MiB, and twice that for the trim, the values its dynamic rule reaches) and the kept memory back to the
+    OS. Nothing off glibc, on CUDA (on_cpu False) or with KEEP_FREED_MMAP=0."""
+    libc = ctypes.CDLL(None) if on_cpu and KEEP_FREED_MMAP > 0 and platform.libc_ver()[0] == "glibc" else None
+    if libc is not None:
+        _KEEPING[0] += 1
+        libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_MMAP)
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_TRIM)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            _KEEPING[0] -= 1
+            if not _KEEPING[0]:
+                libc.mallopt(M_MMAP_THRESHOLD, 2**25)
+                libc.mallopt(M_TRIM_THRESHOLD, 2**26)
+                libc.malloc_trim(0)
+
+
+_KEEPING = [0]  # keep_freed_memory blocks open in this process
 
 
 def load_encoder(spec: str, modality: str, device="cpu") -> Encoder:
@@ -998,11 +1044,18 @@ def import_evaluate(script):
     return evaluate
 
 
+def loader_workers(flag: int, device: str) -> int:
+    """DataLoader workers for image decoding: the --workers flag, or by default none on a CPU (the 2 cores of a
+    laptop-size machine are busy encoding; each worker is one more process's memory) and min(8, cores) on CUDA."""
+    return flag if flag >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
+
+
 def run_eval(script, args, aligner, output, device) -> dict:
     """evaluate.py on the export `aligner` -> its results, with a one-line "summary". Its default batch of 256 images
-    peaked at 5.4 GB on a CPU: the extraction batch is used."""
+    peaked at 5.4 GB on a CPU: the extraction batch is used, and the script's --workers."""
     return import_evaluate(script).main(["--aligner", str(aligner), "--tasks", args.eval, "--output", str(output),
                                          "--cache-dir", args.cache_dir, "--batch-size", str(args.extract_batch_size),
+                                         "--workers", str(loader_workers(args.workers, device)),
                                          "--device", device, "--dataset-root", args.dataset_root])
 
 
@@ -1166,7 +1219,7 @@ def extract(folder, n, load, batch_size, workers=0, rank=0, world=1, desc="items
     if todo:
         dataset, encode = load()
         loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin))
-        with tqdm(total=encoded, desc=desc, unit=desc.split()[0], disable=None) as bar:
+        with tqdm(total=encoded, desc=desc, unit=desc.split()[0], disable=None) as bar, keep_freed_memory(not pin):
             for j in todo:
                 start, end = bounds[j]
                 rows = []

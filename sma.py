@@ -23,7 +23,7 @@ Commands:
   python sma.py --data examples/emoji/train.csv --depictions examples/emoji/depictions.csv --views 3 \
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 --eval emoji --dim 512 \
       --hidden 1024 --batch-size 256 --epochs 30 --lr 3e-4   # offline demo, real encoders, each image set 3 artists'
-      # drawings: 2 min 41 s, 2.2 GB peak RSS on 2 idle CPU cores (cold cache); emoji acc1 37.1, i2t R@1 17.5
+      # drawings: 1 min 45 s, 1.4 GB peak RSS on 2 idle CPU cores (cold cache); emoji acc1 39.0, i2t R@1 9.0
   python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
   python sma.py ... --nproc-per-node N                 # N ranks (or torchrun): extraction sharded, heads under DDP
 Writes: <cache-dir>/sma-image-<hash>/, sma-text-<hash>/ (float16 feature stores of K views, of all captions,
@@ -36,7 +36,6 @@ Needs: plumbing.py beside it (readers, encoders, heads, checkpoints, the feature
   (refused in one line, before any compute, when it is not there).
 """
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,10 +50,10 @@ from torch.utils.data import Dataset
 # What this file shares with sotalign.py and evaluate.py lives once in plumbing.py (readers, frozen encoders,
 # heads, atomic writes, flags, torchrun setup, checkpoints): this file holds the method. evaluate.py is
 # imported only for --eval.
-from plumbing import (DataError, Encoder, Gather, Pairs, arg, atomic_save, check_image, check_out,
+from plumbing import (NEAR_COPY_COSINE, DataError, Encoder, Gather, Pairs, arg, atomic_save, check_image, check_out,
                       encoder_identity, extract, generator, head_state, import_evaluate, leave, load_checkpoint,
-                      load_encoder, make_head, on_device, open_image, parse_dataclass, read_exclude, read_pairs,
-                      run_eval, save_checkpoint, schedule, setup, stop, store_key, undecodable, without,
+                      load_encoder, loader_workers, make_head, on_device, open_image, parse_dataclass, read_exclude,
+                      read_pairs, run_eval, save_checkpoint, schedule, setup, stop, store_key, undecodable, without,
                       write_manifest)
 
 
@@ -69,9 +68,9 @@ class Args:
                  required=True)
     exclude: str = arg("", "drop the images named in this file (COCO captions json, or one image per line), by file "
                            "name: e.g. the Karpathy test split before --eval mscoco")
-    near_copy_cosine: float = arg(0.95, "with --eval mscoco / flickr30k: refuse training images this close to a test "
-                                        "image in the frozen features (re-encoded or resized copies); 1 turns it off",
-                                  gt=0)
+    near_copy_cosine: float = arg(NEAR_COPY_COSINE, "with --eval mscoco / flickr30k: refuse training images this "
+                                                    "close to a test image in the frozen features (re-encoded or "
+                                                    "resized copies); 1 turns it off", gt=0)
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title` or `caption`, whichever the header has)")
     sep: str = arg("", "column separator ('' = sniffed from the header)")
@@ -220,7 +219,7 @@ def features(pairs: Pairs, args: Args, rank=0, world=1, device="cpu", sets=None)
     """
     E, K = len(pairs.images), args.views
     texts = [c for caps in pairs.captions for c in caps]
-    workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
+    workers = loader_workers(args.workers, device)
     out = {"counts": torch.tensor([len(c) for c in pairs.captions]), "image_per_s": None}
     sets = sets or image_sets(pairs, args.depictions)  # each entity's images, once: for the key and the views
     for modality, spec in (("image", args.image_encoder), ("text", args.text_encoder)):

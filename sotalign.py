@@ -39,7 +39,6 @@ import copy
 import csv
 import itertools
 import math
-import os
 import sys
 import time
 import warnings
@@ -54,11 +53,11 @@ from torch.utils.data import Dataset
 
 # What this file shares with sma.py and evaluate.py lives once in plumbing.py (flags, readers, frozen encoders,
 # heads, atomic writes, torchrun setup, the feature store, checkpoints): this file holds the method.
-from plumbing import (AffineHead, DataError, Gather, Store, arg, atomic_save, check_image, check_out,
+from plumbing import (NEAR_COPY_COSINE, AffineHead, DataError, Gather, Store, arg, atomic_save, check_image, check_out,
                       encoder_identity, extract, generator, head_state, image_identity, import_evaluate, leave,
-                      load_checkpoint, load_encoder, make_head, on_device, open_image, parse_dataclass, read_exclude,
-                      read_pairs, read_tars, refuse_bad_entries, run_eval, save_checkpoint, schedule, setup, stop,
-                      store_key, undecodable, without, write_manifest)
+                      load_checkpoint, load_encoder, loader_workers, make_head, on_device, open_image, parse_dataclass,
+                      read_exclude, read_pairs, read_tars, refuse_bad_entries, run_eval, save_checkpoint, schedule,
+                      setup, stop, store_key, undecodable, without, write_manifest)
 
 
 # ---------------------------------------------------------------------------- args
@@ -78,9 +77,9 @@ class Args:
                                  "captions of the other")
     exclude: str = arg("", "drop the training images named in this file (COCO captions json, or one image per line), "
                            "by file name: e.g. the Karpathy test split before --eval mscoco")
-    near_copy_cosine: float = arg(0.95, "with --eval mscoco / flickr30k: refuse training images this close to a test "
-                                        "image in the frozen features (re-encoded or resized copies); 1 turns it off",
-                                  gt=0)
+    near_copy_cosine: float = arg(NEAR_COPY_COSINE, "with --eval mscoco / flickr30k: refuse training images this "
+                                                    "close to a test image in the frozen features (re-encoded or "
+                                                    "resized copies); 1 turns it off", gt=0)
     heldout: str = arg("", "held-out pairs file: the teacher's and the heads' retrieval R@1 on it are printed")
     image_key: str = arg("", "image column ('' = `filepath` or `image`, whichever the header has)")
     caption_key: str = arg("", "caption column ('' = `title`, `caption` or `text`, whichever the header has)")
@@ -253,7 +252,7 @@ def features(name, modality, items, args: Args, encoders: dict, rank=0, world=1,
     own. `encoders` holds the encoders loaded so far (loaded only when a shard is missing)."""
     spec, image = (args.image_encoder, True) if modality == "image" else (args.text_encoder, False)
     folder = Path(args.cache_dir) / f"sotalign-{name}-{modality}-{cache_key(modality, items, spec)}"
-    workers = args.workers if args.workers >= 0 else (min(8, os.cpu_count() or 1) if "cuda" in device else 0)
+    workers = loader_workers(args.workers, device)
 
     def load():
         if modality not in encoders:
