@@ -907,8 +907,10 @@ def encode_images(encoder: Encoder, images, args, desc, files=()) -> dict:
                                          num_workers=loader_workers(args.workers, args.device),
                                          pin_memory=args.device.startswith("cuda"))
     feats, labels = [], []
-    with keep_freed_memory(not args.device.startswith("cuda")):  # 2-4x faster on a CPU (plumbing)
-        for x, y in tqdm(loader, desc=desc, unit="batch", disable=desc is None):  # desc None: no bar (load_aligner)
+    batches = iter(loader)  # any workers start here, before malloc keeps freed memory for the encoder
+    with keep_freed_memory(not args.device.startswith("cuda")):  # 2.6x faster on a CPU (plumbing)
+        bar = tqdm(batches, total=len(loader), desc=desc, unit="batch", disable=desc is None)  # None: load_aligner
+        for x, y in bar:
             feats.append(encoder.encode(x).cpu())
             labels.append(torch.as_tensor(y))
     return {"features": torch.cat(feats), "labels": torch.cat(labels)}

@@ -489,7 +489,7 @@ def near_copies(train_features, eval_features, threshold=NEAR_COPY_COSINE, chunk
 
 # ---------------------------------------------------------------------------- frozen encoders
 # Images per forward pass on a CPU, whatever the caller's batch: a small batch's activations stay in the caches.
-# EfficientNet-Lite0 on 2 cores, fp32: 8 at a time ran 1.7x faster than 64 and peaked 0.35 GB lower, with
+# EfficientNet-Lite0 on 2 cores, fp32: 8 at a time ran 1.8x faster than 64 and peaked 0.34 GB lower, with
 # bit-identical features (bench/cpu_encoding_cpu.md).
 CPU_IMAGE_BATCH = 8
 
@@ -515,10 +515,10 @@ class Encoder:
     @torch.no_grad()
     def encode(self, batch):
         cuda = str(self.device).startswith("cuda")
-        if not cuda and self.modality == "image" and len(batch) > CPU_IMAGE_BATCH:
-            return torch.cat([self.encode(part) for part in batch.split(CPU_IMAGE_BATCH)])
         # bf16 autocast on CUDA (frozen weights, features are cached); plain fp32 on CPU.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            if not cuda and torch.is_tensor(batch) and 0 < CPU_IMAGE_BATCH < len(batch):
+                return torch.cat([self.forward(part).float() for part in batch.split(CPU_IMAGE_BATCH)])
             return self.forward(batch).float()
 
 
@@ -569,23 +569,37 @@ def importable_from_working_folder():
 # glibc's malloc returns a large freed block to the OS at once (mmap, above 128 KiB to 32 MiB by its dynamic rule)
 # and trims a free heap top. An encoder on a CPU frees and reallocates every activation each batch, so each batch
 # faulted its pages in again: on 2 cores EfficientNet-Lite0 spent as long in the kernel as in its convolutions.
-# While encoding, both thresholds are raised so that freed memory serves the next batch (2x faster at 8 images per
-# forward, same peak memory, bit-identical features); afterwards the kept memory goes back. bench/cpu_encoding_cpu.md
-# has the measurements; KEEP_FREED_MMAP=0 in the environment turns it off.
-KEEP_FREED_MMAP = int(os.environ.get("KEEP_FREED_MMAP", 2**28))  # blocks below this come from the heap
-KEEP_FREED_TRIM = int(os.environ.get("KEEP_FREED_TRIM", 2**29))  # a free heap top is kept up to this
+# While encoding, both thresholds are raised so that freed memory serves the next batch (2.6x faster at 8 images
+# per forward, same peak memory, bit-identical features); afterwards the kept memory goes back. The measurements are
+# in bench/cpu_encoding_cpu.md. KEEP_FREED_MMAP=0 in the environment turns it off, and thresholds a user set through
+# MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / GLIBC_TUNABLES are left alone.
+def _bytes_from_env(name, default):
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:  # e.g. KEEP_FREED_MMAP=off
+        return 0
+
+
+KEEP_FREED_MMAP = _bytes_from_env("KEEP_FREED_MMAP", 2**28)  # blocks below this come from the heap
+KEEP_FREED_TRIM = _bytes_from_env("KEEP_FREED_TRIM", 2**29)  # a free heap top is kept up to this
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+GLIBC_DEFAULT_MMAP_MAX = 2**25  # the highest mmap threshold glibc's dynamic rule reaches (and older glibc accepts)
 
 
 @contextlib.contextmanager
 def keep_freed_memory(on_cpu=True):
-    """Inside: glibc keeps freed memory for reuse (see above). On leaving the outermost one: glibc's own limits once
-    more (32 MiB, and twice that for the trim, the values its dynamic rule reaches) and the kept memory back to the
-    OS. Nothing off glibc, on CUDA (on_cpu False) or with KEEP_FREED_MMAP=0."""
-    libc = ctypes.CDLL(None) if on_cpu and KEEP_FREED_MMAP > 0 and platform.libc_ver()[0] == "glibc" else None
+    """Inside: glibc keeps freed memory for reuse (see above). On leaving the outermost one: the kept memory back to
+    the OS, and the thresholds at the values glibc's dynamic rule reaches (32 MiB, twice that for the trim), where
+    they then stay (once set, glibc no longer moves them). Nothing off glibc, on CUDA (on_cpu False), with
+    KEEP_FREED_MMAP=0, or when the user set these thresholds through the environment."""
+    tuned = ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
+             or "_threshold" in os.environ.get("GLIBC_TUNABLES", ""))
+    use = on_cpu and KEEP_FREED_MMAP > 0 and not tuned and platform.libc_ver()[0] == "glibc"
+    libc = ctypes.CDLL(None) if use else None
     if libc is not None:
         _KEEPING[0] += 1
-        libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_MMAP)
+        if not libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_MMAP):  # older glibc refuses above 32 MiB
+            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_MMAP_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_TRIM)
     try:
         yield
@@ -593,8 +607,8 @@ def keep_freed_memory(on_cpu=True):
         if libc is not None:
             _KEEPING[0] -= 1
             if not _KEEPING[0]:
-                libc.mallopt(M_MMAP_THRESHOLD, 2**25)
-                libc.mallopt(M_TRIM_THRESHOLD, 2**26)
+                libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_DEFAULT_MMAP_MAX)
                 libc.malloc_trim(0)
 
 

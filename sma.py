@@ -23,7 +23,7 @@ Commands:
   python sma.py --data examples/emoji/train.csv --depictions examples/emoji/depictions.csv --views 3 \
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 --eval emoji --dim 512 \
       --hidden 1024 --batch-size 256 --epochs 30 --lr 3e-4   # offline demo, real encoders, each image set 3 artists'
-      # drawings: 1 min 45 s, 1.4 GB peak RSS on 2 idle CPU cores (cold cache); emoji acc1 39.0, i2t R@1 9.0
+      # drawings: 1 min 22 s, 1.7 GB peak RSS on 2 idle CPU cores (cold cache); emoji acc1 39.0, i2t R@1 9.0
   python sma.py ... --resume                           # continue <out>/checkpoint.pt (same result as no stop)
   python sma.py ... --nproc-per-node N                 # N ranks (or torchrun): extraction sharded, heads under DDP
 Writes: <cache-dir>/sma-image-<hash>/, sma-text-<hash>/ (float16 feature stores of K views, of all captions,

@@ -22,8 +22,8 @@ Commands (without --unpaired-*: the supervised SigLIP-on-pairs baseline):
       --unpaired-texts examples/emoji/unpaired_texts.txt --heldout examples/emoji/heldout.csv \
       --image-encoder offline:efficientnet-lite0 --text-encoder offline:all-minilm-l6-v2 \
       --unpaired-negatives --unpaired-batch 256 --steps 200 --lr 1e-3 --eval emoji
-      # offline demo, the authors' setting: 1 min 51 s, 2.2 GB peak RSS on 2 idle CPU cores, cold cache. With 47
-      # pairs its heads score below their CCA teacher (emoji zero-shot acc1 16.6 vs 19.4, retrieval R@1 ~2%)
+      # offline demo, the authors' setting: 1 min 28 s, 1.2 GB peak RSS on 2 idle CPU cores, cold cache. With 47
+      # pairs its heads score below their CCA teacher (emoji zero-shot acc1 15.2 vs 20.0, retrieval R@1 1-2%)
   python sotalign.py --pairs 'cc3m/00000.tar' --unpaired-from 'cc3m/{00001..00200}.tar'   # the authors' setting
   python sotalign.py --pairs coco:coco/annotations/captions_train2017.json --subset 10000 ...  # COCO pairs
   python sotalign.py ... --resume     # continue <out>/checkpoint.pt | ... --nproc-per-node N (or torchrun): N ranks

@@ -18,6 +18,7 @@ part is left out.
     python bench/near_copies.py [--encoder offline:efficientnet-lite0] > bench/near_copies_cpu.md
 """
 import argparse
+import contextlib
 import csv
 import io
 import platform
@@ -104,7 +105,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", default="offline:efficientnet-lite0")
     a = ap.parse_args()
-    encoder = plumbing.load_encoder(a.encoder, "image")
+    with contextlib.redirect_stdout(sys.stderr):  # the loader's own "Loaded pretrained weights" line
+        encoder = plumbing.load_encoder(a.encoder, "image")
     held, train = entities("heldout.csv"), entities("train.csv")
     originals = [Image.open(EMOJI / "images" / "noto" / f"{e}.png") for e in held]
     distinct = [Image.open(EMOJI / "images" / art / f"{e}.png") for e in train for art in ARTISTS]

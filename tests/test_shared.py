@@ -51,6 +51,27 @@ def test_real_offline_encoders_give_meaningful_features():
     assert f.shape == (3, 1280) and f[0] @ f[1] > f[0] @ f[2]
 
 
+def test_a_cpu_image_batch_is_forwarded_in_chunks_with_the_same_features(monkeypatch):
+    """On a CPU, Encoder.encode forwards CPU_IMAGE_BATCH images at a time (bench/cpu_encoding_cpu.md): each chunk is
+    one forward call, the features equal one call on the whole batch, inside keep_freed_memory as outside, and a
+    list batch (a py: encoder's own input) goes over whole."""
+    import plumbing
+    calls = []
+    encoder = plumbing.Encoder("test", "image", 4, lambda x: calls.append(len(x)) or x.flatten(1)[:, :4] * 2)
+    batch = torch.randn(19, 3, 2, 2)
+    whole = encoder.forward(batch).float()
+    calls.clear()
+    with plumbing.keep_freed_memory(), plumbing.keep_freed_memory():  # nested: the outer one restores
+        chunked = encoder.encode(batch)
+    assert calls == [8, 8, 3] and torch.equal(chunked, whole)
+    assert plumbing._KEEPING == [0]
+    monkeypatch.setattr(plumbing, "CPU_IMAGE_BATCH", 0)  # 0: never split
+    calls.clear()
+    assert torch.equal(encoder.encode(batch), whole) and calls == [19]
+    listed = plumbing.Encoder("test", "image", 1, lambda x: torch.ones(len(x), 1))
+    assert listed.encode(["a"] * 20).shape == (20, 1)
+
+
 def test_unknown_spec_and_undownloadable_encoder_name_the_offline_specs():
     from plumbing import load_encoder
     with pytest.raises(ValueError, match="unknown image encoder spec"):
