@@ -749,29 +749,32 @@ def check_training_images(spec, dataset_root, images, texts=()):
                         [c for caps in data.captions or () for c in caps])
 
 
-def check_near_copies(spec, dataset_root, cache_dir, image_encoder, train_features, train_images, device="cpu",
+def check_near_copies(spec, dataset_root, cache_dir, image_encoder, training, device="cpu",
                       threshold=NEAR_COPY_COSINE):
     """After a training run's extraction, before its training, with --eval `spec`: DataError when a training image's
     frozen features lie within `threshold` cosine of a requested evaluation split's image (plumbing.near_copies): a
     copy re-encoded or resized, whose bytes check_training_images cannot match. The split's features are this
-    module's, cached (the --eval run after training reads them back). train_features: rows of `train_images`."""
+    module's, cached (the --eval run after training reads them back). training: [(features, images)], one pair per
+    training set, the features' rows those images'; each split is read once for all of them."""
     tasks = resolve_tasks(spec)
     args = Args(dataset_root=dataset_root, partial=True, cache_dir=cache_dir, device=str(device))
     model = Model("near-copy check", {"image": image_encoder, "text": ""}, {}, str(device))
+    splits = []
     for name in sorted(LEAK_TASKS.keys() & tasks.keys()):
         data, _ = read_task(name, tasks[name], args)
-        if data is None:
-            continue
-        test_features = image_features(model, name, tasks[name], data, args)["features"]
-        found = near_copies(train_features, test_features, threshold)
-        if found:
-            row, test, cos = max(found, key=lambda f: f[2])
-            raise DataError(f"{len(found)} of the {len(train_images)} training images are near copies of "
-                            f"{name} test images (frozen-feature cosine >= {threshold}; e.g. "
-                            f"{train_images[row]} ~ {data.files[test]}, {cos:.3f}): re-encoded or resized, the "
-                            "evaluation would score images the heads were trained on. Remove them from the training "
-                            "data (or --exclude them by their file names); if they are distinct pictures, raise "
-                            "--near-copy-cosine")
+        if data is not None:
+            splits.append((name, data, image_features(model, name, tasks[name], data, args)["features"]))
+    for train_features, train_images in training:
+        for name, data, test_features in splits:
+            found = near_copies(train_features, test_features, threshold)
+            if found:
+                row, test, cos = max(found, key=lambda f: f[2])
+                raise DataError(f"{len(found)} of the {len(train_images)} training images are near copies of "
+                                f"{name} test images (frozen-feature cosine >= {threshold}; e.g. "
+                                f"{train_images[row]} ~ {data.files[test]}, {cos:.3f}): re-encoded or resized, the "
+                                "evaluation would score images the heads were trained on. Remove them from the "
+                                "training data (or --exclude them by their file names); if they are distinct "
+                                "pictures, raise --near-copy-cosine")
 
 
 # ---------------------------------------------------------------------------- embedding and caching

@@ -595,7 +595,7 @@ def main(argv=None):
     feats = features(pairs, args, rank, world, device, sets)
     if args.eval and args.near_copy_cosine < 1:  # a re-encoded or resized test image: other bytes, caught here
         import_evaluate(__file__).check_near_copies(args.eval, args.dataset_root, args.cache_dir, args.image_encoder,
-                                                    feats["image"], pairs.images, device, args.near_copy_cosine)
+                                                    [(feats["image"], pairs.images)], device, args.near_copy_cosine)
     model, metrics = train(args, feats, rank, world, device, log)
     results = {}
     if model is not None and rank == 0:  # the run's results are written only now, each atomically

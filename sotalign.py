@@ -847,11 +847,10 @@ def main(argv=None):
         UT = features("unpaired", "text", texts, args, encoders, rank, world, device)
     encoders.clear()  # frees the frozen encoders before training
     if args.eval and args.near_copy_cosine < 1:  # a re-encoded or resized test image: other bytes, caught here
-        near_copies = import_evaluate(__file__).check_near_copies
-        for store, names in ((pair_feats["image"], pairs.images), (UI, images)):
-            if store is not None:
-                near_copies(args.eval, args.dataset_root, args.cache_dir, args.image_encoder, store, names, device,
-                            args.near_copy_cosine)
+        training = [(store, names) for store, names in ((pair_feats["image"], pairs.images), (UI, images))
+                    if store is not None]
+        import_evaluate(__file__).check_near_copies(args.eval, args.dataset_root, args.cache_dir, args.image_encoder,
+                                                    training, device, args.near_copy_cosine)
     # stage 1: the teacher, closed form, fitted in float64
     pair_dense = dense(pair_feats)
     teacher = fit_teacher(pair_dense, args.teacher, args.teacher_reg, args.csa_dim, args.eig_floor,
