@@ -102,21 +102,20 @@ def main():
               "`--views 3` (the earlier demo: each entity's one drawing, clean and one augmented view).\n")
         print("| code | wall | peak RSS, largest process (GB) | image extraction |\n|---|---|---|---|")
         last = {}
-        for name in (f"{args.before} (before)", "working tree (now)", "working tree, one drawing per entity"):
-            tree = work / name.split()[0].strip(",")
-            if tree.exists():
-                pass
-            elif "before" in name:
+        runs = [(f"{args.before} (before)", "before", DEMO), ("working tree (now)", "now", DEMO),
+                ("working tree, one drawing per entity", "now", DEMO_ONE_DRAWING)]
+        for name, folder, command in runs:
+            tree = work / folder
+            if folder == "before" and not tree.exists():
                 tree.mkdir()
                 archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before], capture_output=True,
                                          check=True).stdout
                 subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-            else:
+            elif not tree.exists():
                 ignore = shutil.ignore_patterns(".cache", "runs", ".git", "datasets", "results")
                 shutil.copytree(ROOT, tree, ignore=ignore)
             shutil.rmtree(tree / ".cache", ignore_errors=True)  # each run from an empty cache
             shutil.rmtree(tree / "runs", ignore_errors=True)
-            command = DEMO_ONE_DRAWING if "one drawing" in name else DEMO
             run = subprocess.run(["/usr/bin/time", "-v", sys.executable, *command], cwd=tree, env=child_env(""),
                                  capture_output=True, text=True, check=True)
             wall = next(line.split(": ")[-1] for line in run.stderr.splitlines() if "Elapsed (wall" in line)
